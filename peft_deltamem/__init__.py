@@ -1,0 +1,31 @@
+"""peft_deltamem: δ-mem (arXiv 2605.12357) as a PEFT method.
+
+``import peft_deltamem`` registers the ``DELTAMEM`` PEFT type, so ``get_peft_model(model, DeltaMemConfig(...))``,
+``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM`` and transformers' ``load_adapter`` work as for LoRA.
+"""
+
+from peft.utils import register_peft_method
+
+from ._registry import DELTAMEM_PEFT_TYPE
+from .config import DeltaMemConfig
+from .layer import DeltaMemAttention
+from .model import DeltaMemModel
+from .ops import delta_rule_scan
+from .state import MemoryLayout, MemoryState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DELTAMEM_PEFT_TYPE",
+    "DeltaMemAttention",
+    "DeltaMemConfig",
+    "DeltaMemModel",
+    "MemoryLayout",
+    "MemoryState",
+    "delta_rule_scan",
+]
+
+from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING as _TUNERS
+
+if DELTAMEM_PEFT_TYPE not in _TUNERS:  # importlib.reload must not register twice
+    register_peft_method(name="deltamem", config_cls=DeltaMemConfig, model_cls=DeltaMemModel, prefix="deltamem_")

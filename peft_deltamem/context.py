@@ -1,0 +1,137 @@
+"""Carrying a `MemoryState` through one model call.
+
+A forward pre-hook on the base model turns the call's ``memory=`` / ``memory_write=`` keyword arguments and its 2-D
+``attention_mask`` into a :class:`MemoryCallContext`, which travels to every δ-mem layer as the keyword argument
+``deltamem_context`` (transformers passes ``**kwargs`` from the model down to its attention modules). Travelling as an
+argument, not as module state, matters for gradient checkpointing: the recomputation in the backward pass receives
+the same context, reads the same initial states and records the same final states. A forward hook commits the final
+states into the memory once the call has finished.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .state import MemoryLayout, MemoryState
+
+CONTEXT_KWARG = "deltamem_context"
+_HOOKS_ATTR = "_deltamem_memory_hooks"
+
+
+@dataclass
+class MemoryCallContext:
+    """Everything a δ-mem layer needs from the model call: the memory, token validity and the write switch."""
+
+    memory: MemoryState
+    token_mask: torch.Tensor  # [B, T] bool, True for tokens that are read and written
+    write: bool = True
+    initial_states: dict[str, torch.Tensor] = field(default_factory=dict)
+    final_states: dict[str, torch.Tensor] = field(default_factory=dict)
+    record_write_gates: bool = False
+    write_gates: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def initial_state(self, layer: str) -> torch.Tensor:
+        """The layer's memory [B, n, r, r] as it was when the call began."""
+        return self.initial_states[layer]
+
+    def record(self, layer: str, final_state: torch.Tensor, write_gate: torch.Tensor, mask: torch.Tensor) -> None:
+        """Keep the layer's state after this call's writes (and its write gates, when asked for)."""
+        self.final_states[layer] = final_state
+        if self.record_write_gates:
+            self.write_gates[layer] = (write_gate, mask)
+
+
+def _active_layers(model: nn.Module) -> list[tuple[Any, str]]:
+    from .layer import DeltaMemAttention
+
+    layers = []
+    for module in model.modules():
+        if isinstance(module, DeltaMemAttention):
+            adapter = module._current_adapter()
+            if adapter is not None:
+                layers.append((module, adapter))
+    return layers
+
+
+def _call_tensor(args: tuple, kwargs: dict, name: str, position: int) -> torch.Tensor | None:
+    if kwargs.get(name) is not None:
+        return kwargs[name]
+    return args[position] if len(args) > position and torch.is_tensor(args[position]) else None
+
+
+def _before_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    memory: MemoryState | None = kwargs.pop("memory", None)
+    write = kwargs.pop("memory_write", True)
+    record_write_gates = kwargs.pop("memory_record_write_gates", False)
+    kwargs.pop(CONTEXT_KWARG, None)
+    layers = _active_layers(model)
+    if not layers:
+        return args, kwargs  # adapters disabled or unloaded: the base model runs, the memory is untouched
+    if memory is not None and not isinstance(memory, MemoryState):
+        raise TypeError(f"memory= must be a peft_deltamem.MemoryState, got {type(memory).__name__}")
+    tokens = _call_tensor(args, kwargs, "input_ids", 0)
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    if tokens is None:
+        raise ValueError("δ-mem needs input_ids or inputs_embeds to size its memory.")
+    batch, length = tokens.shape[:2]
+    attention_mask = _call_tensor(args, kwargs, "attention_mask", 1)
+    if attention_mask is None:
+        token_mask = torch.ones(batch, length, dtype=torch.bool, device=tokens.device)
+    elif attention_mask.dim() == 2:
+        # During generation the mask covers past + current tokens; the current ones are the last `length`.
+        token_mask = attention_mask[:, -length:].to(device=tokens.device, dtype=torch.bool)
+    else:
+        raise ValueError(
+            "δ-mem takes token validity from a 2-D attention_mask [batch, tokens]; got a "
+            f"{attention_mask.dim()}-D mask. Pass the 2-D padding mask (1 = real token)."
+        )
+    first, adapter = layers[0]
+    config = first.deltamem_config[adapter]
+    layout = MemoryLayout(config.r, config.num_state_heads, tuple(layer.memory_key for layer, _ in layers))
+    memory = MemoryState() if memory is None else memory
+    memory._bind(layout, batch, tokens.device, _identity(config))
+    context = MemoryCallContext(
+        memory=memory,
+        token_mask=token_mask,
+        write=bool(write),
+        initial_states={k: v.to(tokens.device) for k, v in memory.states.items()},
+        record_write_gates=bool(record_write_gates),
+    )
+    kwargs[CONTEXT_KWARG] = context
+    return args, kwargs
+
+
+def _after_forward(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    context: MemoryCallContext | None = kwargs.get(CONTEXT_KWARG)
+    if context is not None and context.write:
+        context.memory.states.update(context.final_states)
+    return output
+
+
+def _identity(config) -> dict:
+    """The adapter configuration recorded with a memory (JSON-serialisable)."""
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
+
+
+def install_memory_hooks(model: nn.Module) -> None:
+    """Install the memory pre/post hooks on the base model once (idempotent)."""
+    if getattr(model, _HOOKS_ATTR, None):
+        return
+    handles = [
+        model.register_forward_pre_hook(_before_forward, with_kwargs=True),
+        model.register_forward_hook(_after_forward, with_kwargs=True),
+    ]
+    object.__setattr__(model, _HOOKS_ATTR, handles)
+
+
+def remove_memory_hooks(model: nn.Module) -> None:
+    """Remove the hooks installed by :func:`install_memory_hooks`."""
+    for handle in getattr(model, _HOOKS_ATTR, None) or []:
+        handle.remove()
+    if hasattr(model, _HOOKS_ATTR):
+        object.__delattr__(model, _HOOKS_ATTR)

@@ -1,0 +1,263 @@
+"""The δ-mem layer: wraps one attention module and corrects its q/k/v/o projections from an r×r memory (DESIGN.md §1).
+
+The base attention (masking, RoPE, KV cache, sdpa/eager/flash) runs unchanged: forward hooks on the four projections
+add the corrections, so any decoder whose attention has ``q_proj/k_proj/v_proj/o_proj`` works.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .config import DELTA_HEADS, DeltaMemConfig
+from .context import MemoryCallContext
+from .ops import delta_rule_scan
+
+PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
+
+
+def find_projections(attention: nn.Module) -> dict[str, nn.Module] | None:
+    """The attention module's q/k/v/o projections by head name, or None if any is missing."""
+    found = {head: getattr(attention, name, None) for head, name in PROJECTIONS.items()}
+    if any(not isinstance(m, nn.Module) or not hasattr(m, "weight") for m in found.values()):
+        return None
+    return found
+
+
+def state_update_gates(
+    mode: str, write_gate: torch.Tensor, keep_gate: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keep, erase, write) coefficients of the update from β (write gate) and λ (keep gate), DESIGN.md §1."""
+    if mode == "standard":
+        return keep_gate, write_gate, write_gate
+    if mode == "lambda_outside":
+        return keep_gate, keep_gate * write_gate, write_gate
+    if mode == "no_lambda":
+        return torch.ones_like(write_gate), write_gate, write_gate
+    raise ValueError(f"unknown state_update_mode {mode!r}")
+
+
+class DeltaMemAttention(nn.Module, BaseTunerLayer):
+    """A tuner layer around one attention module: memory read/write plus low-rank corrections of its projections.
+
+    Per adapter it holds (flat, one container per weight, so PEFT's adapter-name handling works on save and load):
+    memory projections ``W_mq, W_mk, W_mv`` [d × H], the write gate ``W_β, b_β``, optionally the keep gate
+    ``W_λ, b_λ``, the correction heads ``W_Δ{q,k,v,o}`` [out × d], and the optional o-norm weight and learned scale.
+    """
+
+    adapter_layer_names = (
+        "deltamem_memory_q",
+        "deltamem_memory_k",
+        "deltamem_memory_v",
+        "deltamem_write_gate",
+        "deltamem_keep_gate",
+        "deltamem_delta_q",
+        "deltamem_delta_k",
+        "deltamem_delta_v",
+        "deltamem_delta_o",
+        "deltamem_delta_o_norm",
+        "deltamem_delta_scale",
+    )
+    other_param_names = ("deltamem_config",)
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: DeltaMemConfig, memory_key: str) -> None:
+        super().__init__()
+        projections = find_projections(base_layer)
+        if projections is None:
+            raise ValueError(
+                f"δ-mem cannot adapt {memory_key!r} ({type(base_layer).__name__}): it needs child modules "
+                f"{list(PROJECTIONS.values())} with weights. Point target_modules at the attention modules."
+            )
+        self.base_layer = base_layer
+        self.memory_key = memory_key
+        self.hidden_size = projections["q"].weight.shape[1]
+        self.deltamem_config: dict[str, DeltaMemConfig] = {}
+        for name in self.adapter_layer_names:
+            container = nn.ParameterDict() if name in ("deltamem_delta_o_norm", "deltamem_delta_scale") else None
+            setattr(self, name, container if container is not None else nn.ModuleDict())
+        # (adapter, reads) while the base attention runs inside forward(); the projection hooks read it.
+        self._pending_reads: tuple[str, torch.Tensor] | None = None
+        self._hook_handles = [
+            module.register_forward_hook(self._make_correction_hook(head)) for head, module in projections.items()
+        ]
+        self.update_layer(adapter_name, config)
+        self._active_adapter = adapter_name
+
+    # ----- parameters ----------------------------------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, config: DeltaMemConfig) -> None:
+        """Create (and initialise) the parameters of ``adapter_name`` on this layer."""
+        projections = find_projections(self.base_layer)
+        weight = projections["q"].weight
+        factory = {"device": weight.device, "dtype": torch.float32}
+        hidden, d, gates = (
+            self.hidden_size,
+            config.num_state_heads * config.r,
+            config.num_state_heads * config.gate_width,
+        )
+        self.deltamem_config[adapter_name] = config
+        # Memory q/k/v: nn.Linear's own init is kaiming_uniform(a=√5), as the design asks.
+        self.deltamem_memory_q[adapter_name] = nn.Linear(hidden, d, bias=False, **factory)
+        self.deltamem_memory_k[adapter_name] = nn.Linear(hidden, d, bias=False, **factory)
+        self.deltamem_memory_v[adapter_name] = nn.Linear(hidden, d, bias=False, **factory)
+        self.deltamem_write_gate[adapter_name] = self._gate(hidden, gates, config.beta_bias_init, factory)
+        if not config.couple_lambda:
+            self.deltamem_keep_gate[adapter_name] = self._gate(hidden, gates, config.lambda_bias_init, factory)
+        for head in config.delta_heads:
+            base = projections[head].weight
+            delta = nn.Linear(d, base.shape[0], bias=False, **factory)
+            self._init_delta_head(delta.weight, base, config)
+            getattr(self, f"deltamem_delta_{head}")[adapter_name] = delta
+        if "o" in config.delta_heads and config.delta_o_rmsnorm:
+            out = projections["o"].weight.shape[0]
+            self.deltamem_delta_o_norm[adapter_name] = nn.Parameter(torch.ones(out, **factory))
+        if config.trainable_delta_scale:
+            n_scales = len(DELTA_HEADS) if config.delta_scale_granularity == "head" else 1
+            raw = math.log(config.delta_scale_init / (config.delta_scale_max - config.delta_scale_init))
+            self.deltamem_delta_scale[adapter_name] = nn.Parameter(torch.full((n_scales,), raw, **factory))
+        self.set_adapter(self.active_adapters)
+
+    @staticmethod
+    def _gate(hidden: int, width: int, bias: float, factory: dict) -> nn.Linear:
+        gate = nn.Linear(hidden, width, bias=True, **factory)
+        nn.init.zeros_(gate.weight)
+        nn.init.constant_(gate.bias, bias)
+        return gate
+
+    @staticmethod
+    @torch.no_grad()
+    def _init_delta_head(head: torch.Tensor, base: torch.Tensor, config: DeltaMemConfig) -> None:
+        """Initialise a correction head W_Δ [out × d] from the base projection's weight [out × in]."""
+        head.zero_()
+        mode, r = config.init_delta_heads, config.r
+        if mode == "zero":
+            return
+        if mode == "random":
+            nn.init.kaiming_uniform_(head, a=math.sqrt(5))
+            head.mul_(config.online_gain)
+            return
+        # base_slice: every state head's first w columns copy the base's first w columns, L2-normalised over the
+        # output dim; base_slice_fixed: w also capped by base_slice_width, and only state head 0 gets it.
+        fixed = mode == "base_slice_fixed"
+        width = min(config.base_slice_width, r, base.shape[1]) if fixed else min(r, base.shape[1])
+        columns = base[:, :width].float()
+        columns = columns / columns.norm(dim=0, keepdim=True).clamp_min(1e-12) * config.online_gain
+        for state_head in range(1 if fixed else config.num_state_heads):
+            head[:, state_head * r : state_head * r + width] = columns.to(head.dtype)
+
+    # ----- PEFT contract -------------------------------------------------------------------------------------------
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """δ-mem corrections depend on the memory at run time, so they cannot be folded into weights."""
+        raise ValueError(
+            "δ-mem adapters cannot be merged: the corrections come from an online memory, not a weight delta. "
+            "Use unload() to get the base model back, or keep the PeftModel."
+        )
+
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names: list[str] | None):
+        """Remove the projection hooks and return the untouched attention module (merging raises)."""
+        if merge:
+            self.merge()
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
+        return self.base_layer
+
+    def _current_adapter(self) -> str | None:
+        """The one active adapter present on this layer, None if adapters are off or absent here."""
+        if self.disable_adapters:
+            return None
+        present = [name for name in self.active_adapters if name in self.deltamem_config]
+        if len(present) > 1:
+            raise ValueError(f"δ-mem runs one adapter at a time; active adapters are {present}. Use set_adapter(name).")
+        return present[0] if present else None
+
+    # ----- forward -------------------------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Read (and write) the memory from the attention input, then run the base attention with corrections."""
+        context: MemoryCallContext | None = kwargs.pop("deltamem_context", None)
+        adapter = self._current_adapter()
+        if adapter is None:
+            return self.base_layer(*args, **kwargs)
+        if context is None:
+            raise RuntimeError(
+                f"δ-mem layer {self.memory_key!r} was called without its memory context. The model-level hook that "
+                "provides it did not run, or this architecture does not pass **kwargs from the model to its "
+                "attention modules."
+            )
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        reads = self.memory_step(adapter, hidden_states, context)
+        self._pending_reads = (adapter, reads)
+        try:
+            return self.base_layer(*args, **kwargs)
+        finally:
+            self._pending_reads = None
+
+    def memory_step(self, adapter: str, hidden_states: torch.Tensor, context: MemoryCallContext) -> torch.Tensor:
+        """Memory reads o_t [B, T, n·r] for this call; the state after the call's writes goes to ``context``."""
+        config = self.deltamem_config[adapter]
+        batch, length, _ = hidden_states.shape
+        heads, r, width = config.num_state_heads, config.r, config.gate_width
+        x = hidden_states.to(self.deltamem_memory_q[adapter].weight.dtype)
+
+        def per_head(t: torch.Tensor, size: int) -> torch.Tensor:
+            # [B, T, n·size] -> [B·n, T, size]: state heads are folded into the operator's N.
+            return t.float().view(batch, length, heads, size).transpose(1, 2).reshape(batch * heads, length, size)
+
+        q = per_head(self.deltamem_memory_q[adapter](x), r)
+        k = per_head(self.deltamem_memory_k[adapter](x), r)
+        v = per_head(self.deltamem_memory_v[adapter](x), r)
+        if config.normalize_qk:
+            q, k = F.normalize(torch.tanh(q), dim=-1), F.normalize(torch.tanh(k), dim=-1)
+        write_gate = torch.sigmoid(per_head(self.deltamem_write_gate[adapter](x), width))  # β
+        if config.couple_lambda:
+            keep_gate = 1.0 - write_gate  # λ = 1 − β
+        else:
+            keep_gate = torch.sigmoid(per_head(self.deltamem_keep_gate[adapter](x), width))
+        keep, erase, write = state_update_gates(config.state_update_mode, write_gate, keep_gate)
+
+        state = context.initial_state(self.memory_key).reshape(batch * heads, r, r)
+        mask = context.token_mask.repeat_interleave(heads, dim=0)
+        if context.write:
+            reads, final_state = delta_rule_scan(
+                q, k, v, keep, erase, write, state, mask, impl=config.scan_impl, chunk_size=config.scan_chunk_size
+            )
+            context.record(self.memory_key, final_state.view(batch, heads, r, r), write_gate, mask)
+        else:
+            # Read-only: every token reads the memory as it is; nothing is written.
+            reads = torch.einsum("nvk,ntk->ntv", state, q) * mask.unsqueeze(-1)
+        return reads.view(batch, heads, length, r).transpose(1, 2).reshape(batch, length, heads * r)
+
+    def correction(self, adapter: str, head: str, reads: torch.Tensor) -> torch.Tensor:
+        """scale · W_Δ o_t for one projection (o optionally RMS-normalised first, optionally a learned scale)."""
+        config = self.deltamem_config[adapter]
+        delta_head = getattr(self, f"deltamem_delta_{head}")[adapter]
+        delta = delta_head(reads.to(delta_head.weight.dtype))
+        if head == "o" and adapter in self.deltamem_delta_o_norm:
+            norm_weight = self.deltamem_delta_o_norm[adapter]
+            rms = torch.rsqrt(delta.float().pow(2).mean(-1, keepdim=True) + config.delta_o_rmsnorm_eps)
+            delta = (delta.float() * rms).to(delta.dtype) * norm_weight
+        scale = config.scale
+        if adapter in self.deltamem_delta_scale:
+            raw = self.deltamem_delta_scale[adapter]
+            index = DELTA_HEADS.index(head) if raw.numel() > 1 else 0
+            scale = scale * torch.sigmoid(raw[index]) * config.delta_scale_max
+        return delta * scale
+
+    def _make_correction_hook(self, head: str):
+        def add_correction(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            pending = self._pending_reads
+            if pending is None:
+                return output
+            adapter, reads = pending
+            if adapter not in getattr(self, f"deltamem_delta_{head}"):
+                return output
+            return output + self.correction(adapter, head, reads).to(output.dtype)
+
+        return add_correction
+
+    def __repr__(self) -> str:
+        return "deltamem." + super().__repr__()

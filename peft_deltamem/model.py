@@ -1,0 +1,77 @@
+"""`DeltaMemModel`: the PEFT tuner that wraps attention modules with `DeltaMemAttention` (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from .config import DeltaMemConfig
+from .context import install_memory_hooks, remove_memory_hooks
+from .layer import PROJECTIONS, DeltaMemAttention, find_projections
+
+
+class DeltaMemModel(BaseTuner):
+    """Adds δ-mem to a transformers decoder. Created by ``peft.get_peft_model(model, DeltaMemConfig(...))``.
+
+    Each targeted attention module is wrapped in a :class:`~peft_deltamem.layer.DeltaMemAttention`; a hook on the base
+    model carries the ``memory=`` argument of each call to those layers (see :mod:`peft_deltamem.context`).
+    """
+
+    prefix: str = "deltamem_"
+    tuner_layer_cls = DeltaMemAttention
+    # Attention modules are found structurally (see _pre_injection_hook), so no per-architecture table is needed.
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _prepare_adapter_config(self, peft_config: DeltaMemConfig, model_config: dict) -> DeltaMemConfig:
+        return peft_config
+
+    def _pre_injection_hook(self, model: nn.Module, config: DeltaMemConfig, adapter_name: str) -> None:
+        if config.target_modules is None:
+            names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if find_projections(module)}
+            if not names:
+                raise ValueError(
+                    f"δ-mem found no attention module in {type(model).__name__}: it looks for modules with children "
+                    f"{list(PROJECTIONS.values())}. Set DeltaMemConfig.target_modules to the attention modules' names."
+                )
+            config.target_modules = names
+
+    def _post_injection_hook(self, model: nn.Module, config: DeltaMemConfig, adapter_name: str) -> None:
+        install_memory_hooks(model)
+
+    def _create_and_replace(
+        self,
+        peft_config: DeltaMemConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: str | None = None,
+    ) -> None:
+        if isinstance(target, DeltaMemAttention):
+            target.update_layer(adapter_name, peft_config)
+            return
+        new_module = DeltaMemAttention(target, adapter_name, peft_config, memory_key=current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        setattr(parent, target_name, new_module)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # Used by unload(): the attention module goes back as it was; it has no single weight to re-tie.
+        setattr(parent, child_name, new_module)
+
+    def _check_merge_allowed(self) -> None:
+        raise ValueError(
+            "δ-mem adapters cannot be merged: the corrections come from an online memory, not a weight delta. "
+            "Use unload() to get the base model back, or keep the PeftModel."
+        )
+
+    def merge_adapter(self, *args, **kwargs) -> None:
+        """Not supported: see :meth:`_check_merge_allowed`."""
+        self._check_merge_allowed()
+
+    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs):
+        if merge:
+            self._check_merge_allowed()
+        remove_memory_hooks(self.model)
+        return super()._unload_and_optionally_merge(merge=False, **kwargs)

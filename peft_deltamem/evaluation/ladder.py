@@ -1,0 +1,345 @@
+"""A synthetic recall benchmark as a difficulty ladder (levels 1-5), deterministic per seed.
+
+Each example is a short conversation in which the user states one or more personal facts, possibly chats
+about other things, and finally asks about a fact; the last assistant message is the short answer.
+
+======  ==========================================================================================
+Level   What it tests
+======  ==========================================================================================
+1       one fact with a closed-set answer (colour from 10, weekday, digit); no distractors
+2       as level 1, with 1-3 distractor exchanges between the fact and the question
+3       three facts of different types in one conversation, 0-2 distractor exchanges among them
+4       one fact stated, then updated later (0-2 distractors around); the answer is the latest value
+5       open answers (a sister's name, a 3-digit locker code) with 0-2 distractors; train and test
+        draw values from disjoint pools, so no test value ever appears in training data
+======  ==========================================================================================
+
+Answers are assigned at random per conversation and balanced: each fact type draws its values from
+repeated random permutations of its value set, so value counts differ by at most one. Fact types are
+balanced the same way. Nothing about the answer can therefore be memorised in the weights.
+
+Examples are TRL conversational records::
+
+    {"messages": [system?, user(fact), assistant(ack), ..., user(question), assistant(answer)],
+     "answer": "teal", "choices": [...] or None, "level": 1, "fact_type": "colour", "id": "L1-train-0-00000"}
+
+Use :func:`history_messages` and :func:`question_messages` to split an example for the memory-only protocol.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+Message = dict[str, str]
+Example = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class FactType:
+    """One kind of personal fact: its values, how it is stated, updated and asked."""
+
+    name: str
+    values: tuple[str, ...]
+    statements: tuple[str, ...]
+    updates: tuple[str, ...]
+    question: str
+    closed: bool
+
+
+FACT_TYPES: dict[str, FactType] = {
+    "colour": FactType(
+        name="colour",
+        values=("red", "blue", "green", "yellow", "purple", "orange", "pink", "brown", "black", "white"),
+        statements=(
+            "My favourite colour is {v}.",
+            "Just so you know, my favourite colour is {v}.",
+            "I love the colour {v}; it is my favourite.",
+        ),
+        updates=(
+            "Actually, my favourite colour has changed. It is {v} now.",
+            "Update: my favourite colour is now {v}.",
+        ),
+        question="What is my favourite colour? Answer with one word.",
+        closed=True,
+    ),
+    "weekday": FactType(
+        name="weekday",
+        values=("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"),
+        statements=(
+            "My dentist appointment is on {v}.",
+            "Please remember: I see the dentist on {v}.",
+            "I booked my dentist appointment for {v}.",
+        ),
+        updates=(
+            "Change of plan: my dentist appointment moved to {v}.",
+            "Update: the dentist rescheduled me to {v}.",
+        ),
+        question="On which day is my dentist appointment? Answer with one word.",
+        closed=True,
+    ),
+    "digit": FactType(
+        name="digit",
+        values=tuple(str(d) for d in range(10)),
+        statements=(
+            "My lucky number is {v}.",
+            "Please remember: my lucky number is {v}.",
+            "The number {v} is my lucky number.",
+        ),
+        updates=(
+            "Actually, my lucky number is {v} now.",
+            "Update: my new lucky number is {v}.",
+        ),
+        question="What is my lucky number? Answer with one digit.",
+        closed=True,
+    ),
+    "name": FactType(
+        name="name",
+        values=(),  # open: see _l5_pools
+        statements=(
+            "My sister's name is {v}.",
+            "Please remember: my sister is called {v}.",
+            "I have a sister named {v}.",
+        ),
+        updates=(),
+        question="What is my sister's name? Answer with one word.",
+        closed=False,
+    ),
+    "code": FactType(
+        name="code",
+        values=(),  # open: see _l5_pools
+        statements=(
+            "Please remember: the locker code is {v}.",
+            "My locker code is {v}.",
+            "The code for my locker is {v}.",
+        ),
+        updates=(),
+        question="What is my locker code? Answer with the three digits.",
+        closed=False,
+    ),
+}
+
+CLOSED_FACT_TYPES: tuple[str, ...] = ("colour", "weekday", "digit")
+OPEN_FACT_TYPES: tuple[str, ...] = ("name", "code")
+
+ACKNOWLEDGEMENTS: tuple[str, ...] = (
+    "Got it, I will remember that.",
+    "Noted!",
+    "Thanks, I have made a note of it.",
+    "Okay, I will keep that in mind.",
+)
+
+# Small talk with no colour, weekday, digit, number or person name in it (a test checks this).
+DISTRACTORS: tuple[tuple[str, str], ...] = (
+    ("Can you suggest a quick breakfast?", "Oatmeal with fruit is quick and filling."),
+    ("How do I keep basil fresh?", "Keep it in a glass of water on the counter, like cut flowers."),
+    ("Any tips for falling asleep faster?", "Keep a regular bedtime and avoid screens late in the evening."),
+    ("What is a good way to learn new words?", "Read widely and review new words with flashcards."),
+    ("How often should I water a cactus?", "Only when the soil is completely dry, which is not often."),
+    ("Is walking good exercise?", "Yes, brisk walking is gentle on the joints and good for the heart."),
+    ("How can I make my coffee less bitter?", "Use slightly coarser grounds or water that is not boiling."),
+    ("What should I pack for a rainy hike?", "A waterproof jacket, spare socks and a warm layer."),
+    ("Do you have a tip for remembering names?", "Repeat the name back when you are introduced."),
+    ("How do I clean a cast iron pan?", "Rinse it with hot water, dry it well and rub in a little oil."),
+    ("Why do onions make me cry?", "Cutting them releases a gas that irritates the eyes."),
+    ("How can I be more productive at work?", "Plan your tasks the evening before and tackle the hardest first."),
+    ("What is a nice hobby to start?", "Sketching is cheap, relaxing and easy to pick up."),
+    ("Should I stretch before running?", "A short dynamic warm-up works better than long static stretches."),
+    ("How do I stop my glasses from fogging?", "A drop of dish soap rubbed on the lenses helps."),
+    ("Any idea for a quick dinner?", "A vegetable stir-fry with rice takes very little time."),
+)
+
+# L5 value pools: a fixed split, independent of the user's seed, so train and test never share a value.
+_NAMES: tuple[str, ...] = (
+    "Abigail", "Adrian", "Agnes", "Alba", "Amara", "Anders", "Anika", "Arlo", "Astrid", "Aurora",
+    "Bastian", "Beatrix", "Benedikt", "Bianca", "Bjorn", "Bruno", "Camila", "Casimir", "Cecilia", "Clara",
+    "Cormac", "Dalia", "Damian", "Dario", "Delphine", "Desmond", "Dora", "Edith", "Elias", "Elodie",
+    "Emil", "Enzo", "Esme", "Ezra", "Fabian", "Felicity", "Fenna", "Flora", "Frida", "Gideon",
+    "Greta", "Gunnar", "Hana", "Hector", "Helga", "Hugo", "Ida", "Ilse", "Imogen", "Ingrid",
+    "Ivo", "Jasper", "Johanna", "Jonas", "Juno", "Kasimir", "Keira", "Klara", "Lars", "Leona",
+    "Lorenzo", "Lucia", "Ludwig", "Lyra", "Magnus", "Malin", "Marek", "Matilda", "Mirela", "Nadia",
+    "Nika", "Nils", "Noemi", "Odette", "Olga", "Oskar", "Otto", "Paloma", "Petra", "Quentin",
+    "Rafael", "Ramona", "Rosalind", "Rufus", "Selma", "Silas", "Soren", "Stella", "Svea", "Tamsin",
+    "Teodor", "Thea", "Tilda", "Ulrich", "Valeria", "Vera", "Viggo", "Wilma", "Xenia", "Yara",
+)  # fmt: skip
+_L5_POOL_SEED = "peft_deltamem-ladder-L5-pools-v1"
+_L5_TEST_FRACTION = 0.3
+
+LEVELS: dict[int, str] = {
+    1: "one closed-set fact, no distractors",
+    2: "one closed-set fact, 1-3 distractor exchanges before the question",
+    3: "three closed-set facts of different types, 0-2 distractor exchanges",
+    4: "a closed-set fact stated then updated (answer = latest value), 0-2 distractors",
+    5: "one open fact (name or 3-digit code), 0-2 distractors; disjoint train/test value pools",
+}
+
+
+def _l5_pools() -> dict[str, dict[str, tuple[str, ...]]]:
+    rng = random.Random(_L5_POOL_SEED)
+    pools: dict[str, dict[str, tuple[str, ...]]] = {}
+    for fact_type, values in (("name", list(_NAMES)), ("code", [str(c) for c in range(100, 1000)])):
+        rng.shuffle(values)
+        n_test = round(len(values) * _L5_TEST_FRACTION)
+        pools[fact_type] = {"test": tuple(sorted(values[:n_test])), "train": tuple(sorted(values[n_test:]))}
+    return pools
+
+
+_POOLS = _l5_pools()
+
+
+def value_pool(fact_type: str, split: str = "train") -> tuple[str, ...]:
+    """The values a fact type can take in ``split``: the full set for closed types, a disjoint pool for open ones."""
+    _check_split(split)
+    if fact_type not in FACT_TYPES:
+        raise ValueError(f"unknown fact type {fact_type!r}; known: {sorted(FACT_TYPES)}")
+    spec = FACT_TYPES[fact_type]
+    return spec.values if spec.closed else _POOLS[fact_type][split]
+
+
+def _check_split(split: str) -> None:
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
+def _balanced(rng: random.Random, items: Sequence[str]) -> Iterator[str]:
+    """Endless stream of random permutations of ``items``: any prefix is balanced to within one."""
+    while True:
+        block = list(items)
+        rng.shuffle(block)
+        yield from block
+
+
+def _fact_turns(rng: random.Random, text: str) -> list[Message]:
+    return [{"role": "user", "content": text}, {"role": "assistant", "content": rng.choice(ACKNOWLEDGEMENTS)}]
+
+
+def _distractor_turns(rng: random.Random, count: int) -> list[list[Message]]:
+    pairs = rng.sample(DISTRACTORS, count)
+    return [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in pairs]
+
+
+def _state(rng: random.Random, fact_type: str, value: str) -> str:
+    return rng.choice(FACT_TYPES[fact_type].statements).format(v=value)
+
+
+def _build_history(rng: random.Random, level: int, fact_type: str, answer: str, split: str) -> list[Message]:
+    """History turns (fact statements, distractors) that lead up to a question about ``fact_type``."""
+    if level == 1:
+        return _fact_turns(rng, _state(rng, fact_type, answer))
+    if level in (2, 5):
+        blocks = [_fact_turns(rng, _state(rng, fact_type, answer))]
+        blocks += _distractor_turns(rng, rng.randint(1, 3) if level == 2 else rng.randint(0, 2))
+        return [m for block in blocks for m in block]
+    if level == 3:
+        facts = {t: rng.choice(value_pool(t, split)) for t in CLOSED_FACT_TYPES if t != fact_type}
+        facts[fact_type] = answer
+        order = list(facts)
+        rng.shuffle(order)
+        blocks = [_fact_turns(rng, _state(rng, t, facts[t])) for t in order]
+        for distractor in _distractor_turns(rng, rng.randint(0, 2)):
+            blocks.insert(rng.randint(1, len(blocks)), distractor)  # never before the first fact
+        return [m for block in blocks for m in block]
+    if level == 4:
+        old = rng.choice([v for v in value_pool(fact_type, split) if v != answer])
+        update = rng.choice(FACT_TYPES[fact_type].updates).format(v=answer)
+        distractors = _distractor_turns(rng, rng.randint(0, 2))
+        cut = rng.randint(0, len(distractors))
+        blocks = [_fact_turns(rng, _state(rng, fact_type, old)), *distractors[:cut], _fact_turns(rng, update)]
+        blocks += distractors[cut:]
+        return [m for block in blocks for m in block]
+    raise ValueError(f"level must be 1-5, got {level!r}")
+
+
+def make_ladder(
+    level: int,
+    n: int,
+    *,
+    seed: int = 0,
+    split: str = "train",
+    fact_types: Sequence[str] | None = None,
+    system: str | None = None,
+) -> list[Example]:
+    """Generate ``n`` examples of ladder ``level`` (1-5); deterministic in ``(level, n, seed, split, fact_types)``.
+
+    Args:
+        level: difficulty, see :data:`LEVELS`.
+        n: number of examples.
+        seed: random seed; train and test splits use different streams for the same seed.
+        split: ``"train"`` or ``"test"``; at level 5 it also selects the disjoint value pool.
+        fact_types: the asked-about fact types, balanced over the examples. Default: all closed types
+            (colour, weekday, digit) for levels 1-4, the open types (name, code) for level 5. Pass e.g.
+            ``("colour",)`` for the classic single-type level 1.
+        system: an optional system message put first in every conversation.
+
+    Returns:
+        TRL conversational records, see the module docstring. ``choices`` is the closed answer set (for
+        forced choice) or None at level 5.
+    """
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {sorted(LEVELS)}, got {level!r}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    _check_split(split)
+    allowed = OPEN_FACT_TYPES if level == 5 else CLOSED_FACT_TYPES
+    types = tuple(fact_types) if fact_types is not None else allowed
+    if not types or any(t not in allowed for t in types):
+        raise ValueError(f"level {level} accepts fact types from {allowed}, got {fact_types!r}")
+
+    rng = random.Random(f"ladder/L{level}/{split}/{seed}/{','.join(types)}")
+    type_stream = _balanced(rng, types)
+    answer_streams = {t: _balanced(rng, value_pool(t, split)) for t in types}
+    examples: list[Example] = []
+    for i in range(n):
+        fact_type = next(type_stream)
+        answer = next(answer_streams[fact_type])
+        messages: list[Message] = [{"role": "system", "content": system}] if system is not None else []
+        messages += _build_history(rng, level, fact_type, answer, split)
+        messages += [
+            {"role": "user", "content": FACT_TYPES[fact_type].question},
+            {"role": "assistant", "content": answer},
+        ]
+        examples.append(
+            {
+                "messages": messages,
+                "answer": answer,
+                "choices": list(FACT_TYPES[fact_type].values) if FACT_TYPES[fact_type].closed else None,
+                "level": level,
+                "fact_type": fact_type,
+                "id": f"L{level}-{split}-{seed}-{i:05d}",
+            }
+        )
+    return examples
+
+
+def history_messages(example: Example) -> list[Message]:
+    """The turns to write into memory: everything before the final question, system message excluded."""
+    return [m for m in example["messages"][:-2] if m["role"] != "system"]
+
+
+def question_messages(example: Example) -> list[Message]:
+    """The prompt for the memory-only protocol: the system message (if any) and the final question, no answer."""
+    system = [m for m in example["messages"][:1] if m["role"] == "system"]
+    return [*system, example["messages"][-2]]
+
+
+def answer_message(example: Example) -> Message:
+    """The final assistant message (the reference answer)."""
+    return example["messages"][-1]
+
+
+__all__ = [
+    "ACKNOWLEDGEMENTS",
+    "CLOSED_FACT_TYPES",
+    "DISTRACTORS",
+    "FACT_TYPES",
+    "LEVELS",
+    "OPEN_FACT_TYPES",
+    "FactType",
+    "answer_message",
+    "history_messages",
+    "make_ladder",
+    "question_messages",
+    "value_pool",
+]

@@ -29,6 +29,7 @@ class MemoryCallContext:
     memory: MemoryState
     token_mask: torch.Tensor  # [B, T] bool, True for tokens that are read and written
     write: bool = True
+    segment_ids: torch.Tensor | None = None  # [B, T] message/sentence ids (−1 = not written), segment writes only
     initial_states: dict[str, torch.Tensor] = field(default_factory=dict)
     final_states: dict[str, torch.Tensor] = field(default_factory=dict)
     record_write_gates: bool = False
@@ -66,6 +67,7 @@ def _call_tensor(args: tuple, kwargs: dict, name: str, position: int) -> torch.T
 def _before_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     memory: MemoryState | None = kwargs.pop("memory", None)
     write = kwargs.pop("memory_write", True)
+    segment_ids = kwargs.pop("memory_segment_ids", None)
     record_write_gates = kwargs.pop("memory_record_write_gates", False)
     kwargs.pop(CONTEXT_KWARG, None)
     layers = _active_layers(model)
@@ -99,6 +101,7 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
         memory=memory,
         token_mask=token_mask,
         write=bool(write),
+        segment_ids=_segment_ids(segment_ids, batch, length, tokens.device),
         initial_states={k: v.to(tokens.device) for k, v in memory.states.items()},
         record_write_gates=bool(record_write_gates),
     )
@@ -106,10 +109,25 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
     return args, kwargs
 
 
+def _segment_ids(ids, batch: int, length: int, device: torch.device) -> torch.Tensor | None:
+    if ids is None:
+        return None
+    ids = torch.as_tensor(ids, device=device, dtype=torch.long)
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.shape != (batch, length):
+        raise ValueError(
+            f"memory_segment_ids must have one id per input token, shape ({batch}, {length}); got {tuple(ids.shape)}."
+        )
+    return ids
+
+
 def _after_forward(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
     context: MemoryCallContext | None = kwargs.get(CONTEXT_KWARG)
     if context is not None and context.write:
         context.memory.states.update(context.final_states)
+    if context is not None and context.record_write_gates:
+        context.memory.last_write_gates = dict(context.write_gates)
     return output
 
 

@@ -200,36 +200,87 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
         """Memory reads o_t [B, T, n·r] for this call; the state after the call's writes goes to ``context``."""
         config = self.deltamem_config[adapter]
         batch, length, _ = hidden_states.shape
-        heads, r, width = config.num_state_heads, config.r, config.gate_width
+        heads, r = config.num_state_heads, config.r
         x = hidden_states.to(self.deltamem_memory_q[adapter].weight.dtype)
-
-        def per_head(t: torch.Tensor, size: int) -> torch.Tensor:
-            # [B, T, n·size] -> [B·n, T, size]: state heads are folded into the operator's N.
-            return t.float().view(batch, length, heads, size).transpose(1, 2).reshape(batch * heads, length, size)
-
-        q = per_head(self.deltamem_memory_q[adapter](x), r)
-        k = per_head(self.deltamem_memory_k[adapter](x), r)
-        v = per_head(self.deltamem_memory_v[adapter](x), r)
+        state = context.initial_state(self.memory_key).reshape(batch * heads, r, r)
+        token_mask = context.token_mask.repeat_interleave(heads, dim=0)  # [B·n, T]
+        q = self._fold(self.deltamem_memory_q[adapter](x), heads)
         if config.normalize_qk:
-            q, k = F.normalize(torch.tanh(q), dim=-1), F.normalize(torch.tanh(k), dim=-1)
-        write_gate = torch.sigmoid(per_head(self.deltamem_write_gate[adapter](x), width))  # β
+            q = F.normalize(torch.tanh(q), dim=-1)
+
+        if not context.write:
+            # Read-only: every token reads the memory as it is; nothing is written.
+            reads = self._read_only(state, q, token_mask)
+        elif config.write_granularity == "token":
+            k, v, keep, erase, write, write_gate = self._write_inputs(adapter, x)
+            reads, final_state = delta_rule_scan(
+                q, k, v, keep, erase, write, state, token_mask, impl=config.scan_impl, chunk_size=config.scan_chunk_size
+            )
+            context.record(self.memory_key, final_state.view(batch, heads, r, r), write_gate, token_mask)
+        else:
+            # message / sentence: every token reads the memory from before the call; then one write per segment,
+            # from the mean hidden state of its valid tokens, segments in id order.
+            reads = self._read_only(state, q, token_mask)
+            segment_means, segment_mask = self._segment_means(x, context)
+            k, v, keep, erase, write, write_gate = self._write_inputs(adapter, segment_means)
+            segment_mask = segment_mask.repeat_interleave(heads, dim=0)
+            _, final_state = delta_rule_scan(
+                k,
+                k,
+                v,
+                keep,
+                erase,
+                write,
+                state,
+                segment_mask,
+                impl=config.scan_impl,
+                chunk_size=config.scan_chunk_size,
+            )
+            context.record(self.memory_key, final_state.view(batch, heads, r, r), write_gate, segment_mask)
+        return reads.view(batch, heads, length, r).transpose(1, 2).reshape(batch, length, heads * r)
+
+    @staticmethod
+    def _fold(t: torch.Tensor, heads: int) -> torch.Tensor:
+        """[B, T, n·size] -> [B·n, T, size] in float32: state heads are folded into the operator's N."""
+        batch, length, width = t.shape
+        return t.float().view(batch, length, heads, width // heads).transpose(1, 2).reshape(batch * heads, length, -1)
+
+    @staticmethod
+    def _read_only(state: torch.Tensor, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("nvk,ntk->ntv", state, q) * mask.unsqueeze(-1)
+
+    def _write_inputs(self, adapter: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """k, v and the (keep, erase, write) coefficients of each write, plus β, all folded to [B·n, steps, ·]."""
+        config = self.deltamem_config[adapter]
+        heads = config.num_state_heads
+        k = self._fold(self.deltamem_memory_k[adapter](x), heads)
+        v = self._fold(self.deltamem_memory_v[adapter](x), heads)
+        if config.normalize_qk:
+            k = F.normalize(torch.tanh(k), dim=-1)
+        write_gate = torch.sigmoid(self._fold(self.deltamem_write_gate[adapter](x), heads))  # β
         if config.couple_lambda:
             keep_gate = 1.0 - write_gate  # λ = 1 − β
         else:
-            keep_gate = torch.sigmoid(per_head(self.deltamem_keep_gate[adapter](x), width))
+            keep_gate = torch.sigmoid(self._fold(self.deltamem_keep_gate[adapter](x), heads))
         keep, erase, write = state_update_gates(config.state_update_mode, write_gate, keep_gate)
+        return k, v, keep, erase, write, write_gate
 
-        state = context.initial_state(self.memory_key).reshape(batch * heads, r, r)
-        mask = context.token_mask.repeat_interleave(heads, dim=0)
-        if context.write:
-            reads, final_state = delta_rule_scan(
-                q, k, v, keep, erase, write, state, mask, impl=config.scan_impl, chunk_size=config.scan_chunk_size
-            )
-            context.record(self.memory_key, final_state.view(batch, heads, r, r), write_gate, mask)
-        else:
-            # Read-only: every token reads the memory as it is; nothing is written.
-            reads = torch.einsum("nvk,ntk->ntv", state, q) * mask.unsqueeze(-1)
-        return reads.view(batch, heads, length, r).transpose(1, 2).reshape(batch, length, heads * r)
+    @staticmethod
+    def _segment_means(x: torch.Tensor, context: MemoryCallContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean hidden state per segment [B, M, H] and which segments exist per row [B, M] (ids in sorted order).
+
+        Without segment ids the call's valid tokens form one segment.
+        """
+        ids = context.segment_ids
+        valid = context.token_mask
+        if ids is None:
+            ids = torch.zeros_like(valid, dtype=torch.long)
+        ids = torch.where(valid, ids.to(valid.device), torch.full_like(ids, -1, device=valid.device))
+        unique = torch.unique(ids[ids >= 0])  # sorted: segments are written in id order
+        one_hot = (ids.unsqueeze(-1) == unique.view(1, 1, -1)).to(x.dtype)  # [B, T, M]
+        counts = one_hot.sum(dim=1)  # [B, M]
+        means = torch.einsum("btm,bth->bmh", one_hot, x) / counts.clamp_min(1).unsqueeze(-1)
+        return means, counts > 0
 
     def correction(self, adapter: str, head: str, reads: torch.Tensor) -> torch.Tensor:
         """scale · W_Δ o_t for one projection (o optionally RMS-normalised first, optionally a learned scale)."""

@@ -45,6 +45,9 @@ class MemoryState:
         self.layout: MemoryLayout | None = None
         self.states: dict[str, torch.Tensor] = {}
         self.adapter_config: dict = {}
+        # Filled by a call with memory_record_write_gates=True: per layer (β [B·n, steps, g], written [B·n, steps]),
+        # still attached to the graph, e.g. for a write-sparsity penalty. Not saved, not copied.
+        self.last_write_gates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ----- shape ---------------------------------------------------------------------------------------------------
     @property

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .generation import MemoryCache
 from .state import MemoryLayout, MemoryState
 
 CONTEXT_KWARG = "deltamem_context"
@@ -92,6 +93,12 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
             "δ-mem takes token validity from a 2-D attention_mask [batch, tokens]; got a "
             f"{attention_mask.dim()}-D mask. Pass the 2-D padding mask (1 = real token)."
         )
+    cache = kwargs.get("past_key_values")
+    if memory is None and isinstance(cache, MemoryCache):
+        # generate(): the memory travels in the cache, which also knows which rows have ended.
+        memory, active_rows = cache.memory_call(_call_tensor(args, kwargs, "input_ids", 0), batch)
+        write = write and cache.memory_write
+        token_mask = token_mask & active_rows.to(token_mask.device).unsqueeze(1)
     first, adapter = layers[0]
     config = first.deltamem_config[adapter]
     layout = MemoryLayout(config.r, config.num_state_heads, tuple(layer.memory_key for layer, _ in layers))

@@ -7,7 +7,9 @@ from torch import nn
 
 from .config import DeltaMemConfig
 from .context import install_memory_hooks, remove_memory_hooks
+from .generation import generate_with_memory
 from .layer import PROJECTIONS, DeltaMemAttention, find_projections
+from .state import MemoryState
 
 
 class DeltaMemModel(BaseTuner):
@@ -55,6 +57,10 @@ class DeltaMemModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         setattr(parent, target_name, new_module)
+
+    def generate(self, *args, memory: MemoryState | None = None, memory_write: bool = True, **kwargs):
+        """``generate`` with the memory carried through decoding (see :mod:`peft_deltamem.generation`)."""
+        return generate_with_memory(self.model, *args, memory=memory, memory_write=memory_write, **kwargs)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         # Used by unload(): the attention module goes back as it was; it has no single weight to re-tie.

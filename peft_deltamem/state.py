@@ -114,6 +114,19 @@ class MemoryState:
             {k: v[rows.to(v.device) if torch.is_tensor(rows) else rows] for k, v in self.states.items()}
         )
 
+    @classmethod
+    def cat(cls, memories: Iterable[MemoryState]) -> MemoryState:
+        """Concatenate the rows of several memories of the same adapter layout into one batch."""
+        memories = list(memories)
+        sized = [m for m in memories if not m.is_empty]
+        if not memories or len(sized) != len(memories):
+            raise ValueError("MemoryState.cat needs memories that have been used (sized) at least once.")
+        layouts = {m.layout for m in sized}
+        if len(layouts) != 1:
+            raise ValueError(f"MemoryState.cat: the memories belong to different adapters ({len(layouts)} layouts).")
+        states = {name: torch.cat([m.states[name] for m in sized]) for name in sized[0].layout.layers}
+        return sized[0]._with_states(states)
+
     def __len__(self) -> int:
         return self.batch_size or 0
 

@@ -8,6 +8,7 @@ from peft.utils import register_peft_method
 
 from ._registry import DELTAMEM_PEFT_TYPE
 from .config import DeltaMemConfig
+from .convert import convert_reference_adapter, export_reference_adapter
 from .layer import DeltaMemAttention
 from .model import DeltaMemModel
 from .ops import delta_rule_scan
@@ -22,7 +23,9 @@ __all__ = [
     "DeltaMemModel",
     "MemoryLayout",
     "MemoryState",
+    "convert_reference_adapter",
     "delta_rule_scan",
+    "export_reference_adapter",
 ]
 
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING as _TUNERS

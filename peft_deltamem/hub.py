@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml  # a dependency of huggingface_hub
+
 from .config import DeltaMemConfig
 
 CARD_NAME = "README.md"
@@ -275,8 +277,6 @@ def render_model_card(
         metadata["base_model"] = summary.base_model
     else:
         metadata.pop("base_model", None)  # PEFT writes '' when it does not know; an empty base_model is invalid
-
-    import yaml
 
     title_base = f" for {summary.base_model}" if summary.base_model else ""
     origin = f"\n\nConverted from the reference implementation's format (source: `{source}`)." if source else ""

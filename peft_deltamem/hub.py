@@ -371,7 +371,8 @@ def push_adapter_to_hub(
 
     ``model_or_dir`` is a ``PeftModel`` (saved with ``save_pretrained`` into a temporary directory) or an adapter
     directory (copied, so the card is added without touching it). The repo is created if needed. Load it back with
-    ``PeftModel.from_pretrained(base, repo_id)``.
+    ``PeftModel.from_pretrained(base, repo_id)``. As with PEFT's own ``save_pretrained``, an adapter not named
+    ``"default"`` is stored in a subfolder named after it (load with ``subfolder=adapter_name``).
     """
     import shutil
 

@@ -12,8 +12,10 @@ Split the sequence into chunks of C tokens. Inside a chunk that starts from ``s_
     read_t = exp(Γ_t) (q_t·s_0) + Σ_{j<t} D_tj (q_t·k_j) u_j
     s_C    = exp(Γ_C) s_0 + Σ_j exp(Γ_C − Γ_{j+1}) u_j k_j
 
-The system is linear in ``s_0``, so it is solved for all chunks at once *before* the states are known:
-``u = U0 − W s_0`` with ``U0 = A⁻¹ (write ⊙ v)`` and ``W = A⁻¹ diag(erase ⊙ exp Γ) K``. The chunk then maps its
+Every ``exp(Γ_a − Γ_b)`` is the product ``Π_{b≤m<a} keep_m`` and is computed as a cumulative product (no log:
+keep = 0 is exact, gradients included). The system is linear in ``s_0``, so it is solved for all chunks at once
+*before* the states are known: ``u = u_free − W s_0`` with ``u_free = A⁻¹ (write ⊙ v)`` and
+``W = A⁻¹ diag(erase ⊙ exp Γ) K``. The chunk then maps its
 start row to its end row affinely, ``s_C = M s_0 + m``, and only that tiny r×r map per row is applied
 sequentially, once per chunk. Everything of size C×C is computed for all chunks and rows in one go.
 """
@@ -22,12 +24,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-# log(keep) needs keep > 0. A keep of exactly 0 (a saturated sigmoid, or 1 − β with β rounded to 1) is clamped to
-# the smallest normal float32: its decay becomes 1.2e-38 instead of 0 (invisible in float32 sums), and the gradient
-# with respect to that keep is 0 instead of S_{t-1}·∂L/∂S_t. That only happens where the gate's own sigmoid is
-# saturated, whose float32 derivative is already 0, so gradients of the gate parameters are unaffected.
-_KEEP_FLOOR = torch.finfo(torch.float32).tiny
 
 
 def _to_chunks(x: torch.Tensor, n_chunks: int, chunk: int) -> torch.Tensor:
@@ -57,8 +53,8 @@ def chunked_delta_rule_scan(
     Shapes: ``q, k, v`` [N, T, r]; ``keep, erase, write`` [N, T, r] or [N, T, 1] (broadcast over rows); ``state``
     [N, r, r] or None (zeros); ``mask`` [N, T] bool (True = valid) or None. Computed in float32; returns
     ``(reads [N, T, r] in q's dtype, final_state [N, r, r] float32)``, differentiable in every input.
-    Gates are expected in [0, 1] (sigmoid outputs); ``keep`` is floored at the smallest normal float32 before its
-    log (see ``_KEEP_FLOOR``). ``chunk_size`` is the number of tokens C solved together (capped at T; T is padded
+    Gates are expected in [0, 1] (sigmoid outputs); keep = 0 is handled exactly (forward and gradients).
+    ``chunk_size`` is the number of tokens C solved together (capped at T; T is padded
     to a multiple of C with identity steps). Agrees with the recurrent form to float32 round-off; see the module
     docstring for the math.
     """
@@ -91,19 +87,20 @@ def chunked_delta_rule_scan(
     # Per-row gate sequences [N, nc, g, C]; g = 1 broadcasts over the r rows in everything below.
     keep_rows, erase_rows = _rows_first(keep), _rows_first(erase)
 
-    # --- Decays. seg[c, t] = Σ_{c ≤ m < t} log keep_m for 0 ≤ c ≤ t ≤ C, built as a cumulative sum along t (not as a
-    # difference Γ_t − Γ_c, which would lose precision when Γ is large and negative); 0 for c > t.
-    # Then exp(Γ_t) = E[0, t], D_tj = E[j+1, t], exp(Γ_C − Γ_{j+1}) = E[j+1, C], exp(Γ_C) = E[0, C].
-    log_keep = torch.log(keep_rows.clamp_min(_KEEP_FLOOR))
-    shifted = F.pad(log_keep, (1, 0))  # shifted[t] = log keep_{t-1}, t = 0..C
-    after = torch.ones(chunk + 1, chunk + 1, dtype=torch.bool, device=q.device).triu(1)  # t > c
-    decay = (shifted.unsqueeze(-2) * after).cumsum(-1).exp()  # [N, nc, g, C+1 (c), C+1 (t)]
-    decay_in = decay[..., 0, :chunk]  # exp(Γ_t): how much of s_0 survives to token t
-    # D_tj as [t, j]. Its upper triangle (j ≥ t) holds exp(0) = 1, not 0: the solve reads only the strictly lower
-    # part, and the read masks it through q·k, which is cheaper than masking this per-row tensor.
-    decay_intra = decay[..., 1:, :chunk].transpose(-1, -2)
-    decay_out = decay[..., 1:, chunk]  # exp(Γ_C − Γ_{j+1}): how much of token j's write survives the chunk
-    decay_all = decay[..., 0, chunk]  # exp(Γ_C)
+    # --- Decays, per row: products of keep over token ranges, i.e. exp of differences of Γ_t = Σ_{m<t} log keep_m,
+    # but formed as cumulative *products* of keep: no log, so keep = 0 (a saturated gate) is exact, gradient
+    # included, and no Γ_t − Γ_{j+1} cancellation when Γ is large and negative.
+    ones = torch.ones_like(keep_rows[..., :1])
+    keep_before = torch.cat([ones, keep_rows[..., :-1]], dim=-1)  # keep_{t-1} (1 at t = 0)
+    decay_in = keep_before.cumprod(-1)  # exp(Γ_t) = Π_{m<t} keep_m: how much of s_0 survives to token t
+    keep_after = torch.cat([keep_rows[..., 1:], ones], dim=-1)  # keep_{j+1} (1 at j = C-1)
+    decay_out = keep_after.flip(-1).cumprod(-1).flip(-1)  # exp(Γ_C − Γ_{j+1}) = Π_{m>j} keep_m: token j's write
+    decay_all = keep_rows.prod(-1)  # exp(Γ_C)
+    # D_tj = exp(Γ_t − Γ_{j+1}) = Π_{j<m<t} keep_m as a [t, j] matrix: a cumulative product down each column j of
+    # keep_{t-1} for t ≥ j+2 (1 above). D_{t,t-1} = 1. Its upper triangle (j ≥ t) is 1, not 0: the solve reads only
+    # the strictly lower part, and the read masks it through q·k, which is cheaper than masking this per-row tensor.
+    from_j2 = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril(-2)  # t ≥ j + 2
+    decay_intra = torch.where(from_j2, keep_before.unsqueeze(-1), 1.0).cumprod(-2)  # [N, nc, g, C (t), C (j)]
 
     # --- Products shared by all rows: one C×C Gram matrix per chunk. Reads use only j < t (read before write).
     kk = k @ k.transpose(-1, -2)  # [N, nc, C, C]
@@ -112,7 +109,7 @@ def chunked_delta_rule_scan(
     # --- Intra-chunk solve, per row, for all chunks at once. The system matrix is I + strictly-lower part; the
     # solver is told the diagonal is 1 (unitriangular), so only the strictly lower part L is formed.
     lower = erase_rows.unsqueeze(-1) * decay_intra * kk.unsqueeze(2)  # [N, nc, g, C, C]
-    # Right-hand sides: column 0 is write ⊙ v (gives U0); columns 1..r are erase ⊙ exp(Γ) ⊙ K (gives W).
+    # Right-hand sides: column 0 is write ⊙ v (gives u_free); columns 1..r are erase ⊙ exp(Γ) ⊙ K (gives W).
     wv = (write * v).transpose(-1, -2).unsqueeze(-1)  # [N, nc, r, C, 1]
     ek = (erase_rows * decay_in).unsqueeze(-1) * k.unsqueeze(2)  # [N, nc, g, C, r]
     rhs = torch.cat([wv, ek.expand(n, n_chunks, r, chunk, r)], dim=-1)

@@ -1,0 +1,97 @@
+"""The scan benchmark runs (smoke mode) and writes sane JSON; the shared benchmark helpers behave."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    """Import ``benchmarks/<name>.py`` by path (the folder is not a package)."""
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scan_smoke_writes_expected_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    scan = _load("scan")
+    out = tmp_path / "nested" / "scan.json"
+    threads = torch.get_num_threads()
+    try:  # one thread: the smoke run stays quick on a shared, busy machine
+        returned = scan.main(["--smoke", "--out", str(out), "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(returned))
+    assert data["benchmark"] == "scan" and data["smoke"] is True
+    assert {"cpu", "cpu_count", "torch", "python", "torch_threads"} <= data["machine"].keys()
+    grid = scan.SMOKE
+    expected = {(t, r, n) for t in grid["T"] for r in grid["r"] for n in grid["N"]}
+    assert {(row["T"], row["r"], row["N"]) for row in data["rows"]} == expected
+    assert len(data["rows"]) == len(expected)
+    for row in data["rows"]:
+        for mode in ("fwd", "fwdbwd"):
+            for impl in ("recurrent", "chunked"):
+                assert row[f"{mode}_{impl}_ms"] > 0
+            assert row[f"{mode}_speedup"] == pytest.approx(row[f"{mode}_recurrent_ms"] / row[f"{mode}_chunked_ms"])
+        assert set(row["max_diff_grad_by_input"]) == {"q", "k", "v", "keep", "erase", "write", "state"}
+        assert row["max_diff_grads"] == max(row["max_diff_grad_by_input"].values())
+        for key in ("max_diff_reads", "max_diff_state", "max_diff_grads"):
+            assert 0 <= row[key] < 1e-4, (key, row)
+        assert row["chunked_fwdbwd_peak_mb"] >= 0
+    sweep_shapes = {(1, max(grid["T"]), min(grid["r"])), (max(grid["N"]), max(grid["T"]), max(grid["r"]))}
+    assert {(row["N"], row["T"], row["r"], row["chunk_size"]) for row in data["chunk_sweep"]} == {
+        (*shape, size) for shape in sweep_shapes for size in grid["chunk_sweep"]
+    }
+    assert all(row["fwd_chunked_ms"] > 0 and row["fwdbwd_chunked_ms"] > 0 for row in data["chunk_sweep"])
+    printed = capsys.readouterr().out
+    assert "| T | r | N |" in printed and "fwd+bwd ×" in printed
+    assert not list(out.parent.glob("*.tmp"))  # the atomic write left no temp file
+
+
+def test_time_fn_median_and_repeats() -> None:
+    timing = _load("_timing")
+    calls = []
+    result = timing.time_fn(lambda: calls.append(1), warmup=2, repeats=5)
+    assert len(calls) == 7 and result["repeats"] == 5 and len(result["times_s"]) == 5
+    assert result["min_s"] <= result["median_s"] <= result["max_s"]
+    assert result["median_s"] == sorted(result["times_s"])[2]
+    with pytest.raises(ValueError):
+        timing.time_fn(lambda: None, repeats=0)
+
+
+def test_write_json_is_atomic_and_overwrites(tmp_path: Path) -> None:
+    timing = _load("_timing")
+    path = tmp_path / "a" / "r.json"
+    timing.write_json(path, {"x": 1})
+    timing.write_json(path, {"x": [2, 3]})
+    assert json.loads(path.read_text()) == {"x": [2, 3]}
+    with pytest.raises(TypeError):  # not serialisable: the old file stays, no temp file is left behind
+        timing.write_json(path, {"x": object()})
+    assert json.loads(path.read_text()) == {"x": [2, 3]}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["r.json"]
+
+
+def test_markdown_table_and_peak_memory() -> None:
+    timing = _load("_timing")
+    table = timing.markdown_table([{"a": 1, "b": 0.000012345}, {"a": 2.5, "b": None}], {"a": "A", "b": "B"})
+    assert table.splitlines() == ["| A | B |", "|---|---|", "| 1 | 1.2e-05 |", "| 2.5 |  |"]
+
+    def hold_256_mib() -> None:
+        x = torch.ones(64, 2**20)
+        time.sleep(0.05)  # long enough for the sampler to see it even on a busy machine
+        x.sum()
+
+    peak = timing.peak_memory(hold_256_mib)
+    assert peak["peak_bytes"] >= 200 * 2**20, peak

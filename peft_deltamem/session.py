@@ -392,8 +392,8 @@ class MemorySession:
     def stream_reply(self, user_text: str, **generate_kwargs: Any) -> Iterator[str]:
         """:meth:`reply`, yielding the answer's text as it is generated (a ``TextIteratorStreamer``).
 
-        The turn is written and added to :attr:`history` once the generator is exhausted; an error in generation is
-        raised from the generator.
+        Generation runs in a background thread. The turn is written and added to :attr:`history` when generation
+        ends; closing the generator early waits for that. An error in generation is raised from the generator.
         """
         if "streamer" in generate_kwargs:
             raise ValueError("stream_reply() makes its own streamer; use reply(..., streamer=...) for your own.")

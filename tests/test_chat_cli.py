@@ -89,3 +89,12 @@ def test_commands_and_errors_in_process(adapter_dir, tmp_path) -> None:
     assert text.count("memory: empty") == 2
     assert "user: Hello." in text and "assistant: " in text
     assert "memory and history cleared" in text and "/save DIR" in text
+
+
+def test_deltamem_dispatches_chat(capsys) -> None:
+    from peft_deltamem import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["chat", "--help"])
+    assert exit_info.value.code == 0 and "deltamem chat" in capsys.readouterr().out
+    assert cli.main(["no-such-command"]) == 2

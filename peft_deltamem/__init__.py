@@ -9,9 +9,11 @@ from peft.utils import register_peft_method
 from ._registry import DELTAMEM_PEFT_TYPE
 from .config import DeltaMemConfig
 from .convert import convert_reference_adapter, export_reference_adapter
+from .generation import MemoryCache
 from .layer import DeltaMemAttention
 from .model import DeltaMemModel
 from .ops import delta_rule_scan
+from .session import MemorySession
 from .state import MemoryLayout, MemoryState
 
 __version__ = "0.1.0"
@@ -21,7 +23,9 @@ __all__ = [
     "DeltaMemAttention",
     "DeltaMemConfig",
     "DeltaMemModel",
+    "MemoryCache",
     "MemoryLayout",
+    "MemorySession",
     "MemoryState",
     "convert_reference_adapter",
     "delta_rule_scan",

@@ -30,6 +30,7 @@ class MemoryCallContext:
     memory: MemoryState
     token_mask: torch.Tensor  # [B, T] bool, True for tokens that are read and written
     write: bool = True
+    read: bool = True  # False: a write-only pass, the layers write but add no corrections
     segment_ids: torch.Tensor | None = None  # [B, T] message/sentence ids (−1 = not written), segment writes only
     initial_states: dict[str, torch.Tensor] = field(default_factory=dict)
     final_states: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -68,6 +69,7 @@ def _call_tensor(args: tuple, kwargs: dict, name: str, position: int) -> torch.T
 def _before_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     memory: MemoryState | None = kwargs.pop("memory", None)
     write = kwargs.pop("memory_write", True)
+    read = kwargs.pop("memory_read", True)
     segment_ids = kwargs.pop("memory_segment_ids", None)
     record_write_gates = kwargs.pop("memory_record_write_gates", False)
     kwargs.pop(CONTEXT_KWARG, None)
@@ -108,6 +110,7 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
         memory=memory,
         token_mask=token_mask,
         write=bool(write),
+        read=bool(read),
         segment_ids=_segment_ids(segment_ids, batch, length, tokens.device),
         initial_states={k: v.to(tokens.device) for k, v in memory.states.items()},
         record_write_gates=bool(record_write_gates),

@@ -189,6 +189,11 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
                 "attention modules."
             )
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if not context.read:
+            # Write-only pass: no corrections, so the hidden states do not depend on the adapter; detaching them
+            # keeps the backward pass out of the frozen backbone.
+            self.memory_step(adapter, hidden_states.detach(), context)
+            return self.base_layer(*args, **kwargs)
         reads = self.memory_step(adapter, hidden_states, context)
         self._pending_reads = (adapter, reads)
         try:

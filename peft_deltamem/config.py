@@ -89,7 +89,9 @@ class DeltaMemConfig(PeftConfig):
     scan_impl: Literal["auto", "recurrent", "chunked"] = field(
         default="auto", metadata={"help": "Implementation of the recurrence (see peft_deltamem.ops)."}
     )
-    scan_chunk_size: int = field(default=64, metadata={"help": "Chunk length of the chunked recurrence."})
+    scan_chunk_size: int = field(
+        default=32, metadata={"help": "Chunk length of the chunked recurrence (16-32 measured fastest on CPU)."}
+    )
     # Read by PEFT's target matching; δ-mem never targets bare parameters.
     target_parameters: list[str] | None = field(default=None, metadata={"help": "Unused by δ-mem."})
 

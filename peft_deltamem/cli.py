@@ -13,6 +13,9 @@ import sys
 COMMANDS: dict[str, str] = {
     "chat": "peft_deltamem.cli_chat:main",
     "convert": "peft_deltamem.cli_convert:main",
+    "demo": "peft_deltamem.demo:main",
+    "eval": "peft_deltamem.cli_eval:main",
+    "train": "peft_deltamem.train:main",
 }
 
 

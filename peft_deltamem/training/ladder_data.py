@@ -1,0 +1,50 @@
+"""Write recall-ladder training data as JSON Lines: ``python -m peft_deltamem.training.ladder_data --level 1 --n 2000
+--out data/ladder-l1.jsonl``.
+
+Each line is one record of :func:`peft_deltamem.evaluation.ladder.make_ladder` (a ``messages`` conversation plus its
+answer and metadata), ready as ``dataset_name`` of a recipe (``recipes/smollm2-135m/tsw-cpu.yaml``). Use the default
+``--split train`` for training data; evaluate on ``--split test``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .._io import atomic_path
+from ..evaluation.ladder import make_ladder
+
+
+def write_ladder_jsonl(path: str | Path, level: int, n: int, *, seed: int = 0, split: str = "train") -> int:
+    """Write ``n`` ladder examples of ``level`` to ``path`` (atomically); returns the number of lines written."""
+    records = make_ladder(level, n, seed=seed, split=split)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return len(records)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m peft_deltamem.training.ladder_data", description=__doc__)
+    parser.add_argument("--level", type=int, default=1, help="ladder level 1-5 (default 1)")
+    parser.add_argument("--n", type=int, default=2000, help="number of conversations (default 2000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", default="train", choices=("train", "test"))
+    parser.add_argument("--out", required=True, help="the .jsonl file to write")
+    args = parser.parse_args(argv)
+    try:
+        count = write_ladder_jsonl(args.out, args.level, args.n, seed=args.seed, split=args.split)
+    except ValueError as err:
+        parser.error(str(err))
+    print(f"wrote {count} L{args.level} {args.split} conversations to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,6 +11,7 @@ import yaml
 from peft import get_peft_model
 
 from peft_deltamem import DeltaMemConfig
+from peft_deltamem.cli import main as cli_main
 from peft_deltamem.train import RecipeError, main, parse_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -142,6 +143,8 @@ def test_bad_recipe_values_give_one_line_naming_file_and_field(tmp_path, capsys,
     assert main([path]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"deltamem train: error: {path}: ")
+    assert cli_main(["train", path]) == 2  # `deltamem train` is the same
+    assert capsys.readouterr().err.strip() == lines[0]
 
 
 def test_bad_command_line_values_name_the_command_line(tmp_path) -> None:

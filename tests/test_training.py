@@ -310,6 +310,7 @@ def test_malformed_rows_are_rejected_before_training_or_skipped(tmp_path) -> Non
         ("write_sparsity_weight", -0.1),
         ("invalid_rows", "ignore"),
         ("packing", True),
+        ("chat_template_kwargs", "enable_thinking=false"),
     ],
 )
 def test_bad_config_values_name_the_field(tmp_path, field: str, value) -> None:

@@ -77,9 +77,17 @@ class DeltaMemSFTConfig(SFTConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.chat_template_kwargs, str):
-            self.chat_template_kwargs = json.loads(self.chat_template_kwargs)
-        self.chat_template_kwargs = dict(self.chat_template_kwargs or {})
+        kwargs = self.chat_template_kwargs
+        try:
+            kwargs = json.loads(kwargs) if isinstance(kwargs, str) else kwargs
+        except ValueError:
+            kwargs = None  # reported below
+        if not isinstance(kwargs, (dict, type(None))) or (kwargs is None and self.chat_template_kwargs):
+            raise ValueError(
+                "DeltaMemSFTConfig.chat_template_kwargs must be a mapping (or its JSON text), "
+                f"got {self.chat_template_kwargs!r}"
+            )
+        self.chat_template_kwargs = dict(kwargs or {})
         self._check()
 
     def _check(self) -> None:

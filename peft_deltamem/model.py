@@ -17,6 +17,20 @@ class DeltaMemModel(BaseTuner):
 
     Each targeted attention module is wrapped in a :class:`~peft_deltamem.layer.DeltaMemAttention`; a hook on the base
     model carries the ``memory=`` argument of each call to those layers (see :mod:`peft_deltamem.context`).
+
+    Besides the base model's own arguments, a forward call of the ``PeftModel`` accepts:
+
+    * ``memory``: a :class:`~peft_deltamem.state.MemoryState`, read and advanced in place by the call's writes.
+      Without it the call starts from an empty memory and keeps nothing.
+    * ``memory_write`` (default ``True``): ``False`` makes the call read-only; the memory is left unchanged.
+    * ``memory_read`` (default ``True``): ``False`` makes a write-only call: the layers write but add no corrections.
+    * ``memory_segment_ids``: ``[batch, tokens]`` message or sentence ids (``-1`` = not written) for ``message`` /
+      ``sentence`` adapters; without them the call's tokens are written as one segment.
+    * ``memory_record_write_gates`` (default ``False``): keep the write gates β of the call in
+      ``memory.last_write_gates`` (with their graph), e.g. for a sparsity penalty.
+
+    Padding (a 2-D ``attention_mask``) is never written. ``merge_and_unload()`` raises: the corrections come from the
+    memory at run time, not from a weight delta; ``unload()`` returns the untouched base model.
     """
 
     prefix: str = "deltamem_"
@@ -59,7 +73,19 @@ class DeltaMemModel(BaseTuner):
         setattr(parent, target_name, new_module)
 
     def generate(self, *args, memory: MemoryState | None = None, memory_write: bool = True, **kwargs):
-        """``generate`` with the memory carried through decoding (see :mod:`peft_deltamem.generation`)."""
+        """The base model's ``generate``, with the memory carried through decoding (greedy, sampling, beam search).
+
+        Args:
+            *args: passed to ``generate`` (usually ``input_ids`` and ``attention_mask`` as keywords).
+            memory: the memory to read; afterwards it holds the prompt and the generated tokens, each written once
+                (tokens after a sequence's end are not written). With beam search or several return sequences it
+                has one row per returned sequence. Without it, a temporary empty memory is used.
+            memory_write: ``False`` only reads ``memory`` and leaves it unchanged.
+            **kwargs: passed to ``generate``.
+
+        Returns:
+            What ``generate`` returns. The memory is advanced only if generation succeeds.
+        """
         return generate_with_memory(self.model, *args, memory=memory, memory_write=memory_write, **kwargs)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
@@ -73,7 +99,11 @@ class DeltaMemModel(BaseTuner):
         )
 
     def merge_adapter(self, *args, **kwargs) -> None:
-        """Not supported: see :meth:`_check_merge_allowed`."""
+        """Not supported: δ-mem corrections come from the memory at run time, so there is no weight delta to merge.
+
+        Raises:
+            ValueError: always.
+        """
         self._check_merge_allowed()
 
     def _unload_and_optionally_merge(self, merge: bool = True, **kwargs):

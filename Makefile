@@ -33,3 +33,11 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
+
+# `make docs` builds the documentation site (mkdocs.yml, docs/) into site/ with --strict: any warning fails.
+# The docs tools (the `docs` extra) are installed into .venv on first use; `make test` never needs them
+# (tests/test_docs.py builds the site only when mkdocs is installed).
+.PHONY: docs
+docs: $(STAMP)
+	$(PY) -c "import mkdocs, material, mkdocstrings_handlers.python" 2>/dev/null || $(PY) -m pip install -q -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict

@@ -21,6 +21,7 @@ from .state import MemoryLayout, MemoryState
 
 CONTEXT_KWARG = "deltamem_context"
 _HOOKS_ATTR = "_deltamem_memory_hooks"
+_LAYERS_ATTR = "_deltamem_layers"
 
 
 @dataclass
@@ -48,15 +49,29 @@ class MemoryCallContext:
             self.write_gates[layer] = (write_gate, mask)
 
 
-def _active_layers(model: nn.Module) -> list[tuple[Any, str]]:
+def _deltamem_layers(model: nn.Module) -> list[Any]:
+    """The model's δ-mem layers in module order.
+
+    Walking ``model.modules()`` costs about a millisecond on a 30-layer model, more than a whole layer's memory step
+    during decoding, so the list is kept on the model and walked again only after δ-mem layers have been created
+    (``DeltaMemAttention.instances_created`` changes) or the hooks were reinstalled.
+    """
     from .layer import DeltaMemAttention
 
+    created = DeltaMemAttention.instances_created
+    cached = model.__dict__.get(_LAYERS_ATTR)
+    if cached is None or cached[0] != created:
+        cached = (created, [m for m in model.modules() if isinstance(m, DeltaMemAttention)])
+        object.__setattr__(model, _LAYERS_ATTR, cached)
+    return cached[1]
+
+
+def _active_layers(model: nn.Module) -> list[tuple[Any, str]]:
     layers = []
-    for module in model.modules():
-        if isinstance(module, DeltaMemAttention):
-            adapter = module._current_adapter()
-            if adapter is not None:
-                layers.append((module, adapter))
+    for module in _deltamem_layers(model):
+        adapter = module._current_adapter()
+        if adapter is not None:
+            layers.append((module, adapter))
     return layers
 
 
@@ -105,7 +120,8 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
     config = first.deltamem_config[adapter]
     layout = MemoryLayout(config.r, config.num_state_heads, tuple(layer.memory_key for layer, _ in layers))
     memory = MemoryState() if memory is None else memory
-    memory._bind(layout, batch, tokens.device, _identity(config))
+    # The adapter identity is recorded only when an empty memory is sized; a sized memory keeps its own.
+    memory._bind(layout, batch, tokens.device, _identity(config) if memory.is_empty else memory.adapter_config)
     context = MemoryCallContext(
         memory=memory,
         token_mask=token_mask,
@@ -147,7 +163,8 @@ def _identity(config) -> dict:
 
 
 def install_memory_hooks(model: nn.Module) -> None:
-    """Install the memory pre/post hooks on the base model once (idempotent)."""
+    """Install the memory pre/post hooks on the base model once (idempotent); forget the cached δ-mem layers."""
+    model.__dict__.pop(_LAYERS_ATTR, None)
     if getattr(model, _HOOKS_ATTR, None):
         return
     handles = [
@@ -163,3 +180,4 @@ def remove_memory_hooks(model: nn.Module) -> None:
         handle.remove()
     if hasattr(model, _HOOKS_ATTR):
         object.__delattr__(model, _HOOKS_ATTR)
+    model.__dict__.pop(_LAYERS_ATTR, None)

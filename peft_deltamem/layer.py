@@ -64,9 +64,12 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
         "deltamem_delta_scale",
     )
     other_param_names = ("deltamem_config",)
+    # Counts constructions; the model-level hook re-scans the model for δ-mem layers when it changes (context.py).
+    instances_created = 0
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: DeltaMemConfig, memory_key: str) -> None:
         super().__init__()
+        DeltaMemAttention.instances_created += 1
         projections = find_projections(base_layer)
         if projections is None:
             raise ValueError(
@@ -208,7 +211,9 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
         heads, r = config.num_state_heads, config.r
         x = hidden_states.to(self.deltamem_memory_q[adapter].weight.dtype)
         state = context.initial_state(self.memory_key).reshape(batch * heads, r, r)
-        token_mask = context.token_mask.repeat_interleave(heads, dim=0)  # [B·n, T]
+        token_mask = context.token_mask  # [B·n, T]
+        if heads > 1:
+            token_mask = token_mask.repeat_interleave(heads, dim=0)
         q = self._fold(self.deltamem_memory_q[adapter](x), heads)
         if config.normalize_qk:
             q = F.normalize(torch.tanh(q), dim=-1)
@@ -247,6 +252,8 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
     @staticmethod
     def _fold(t: torch.Tensor, heads: int) -> torch.Tensor:
         """[B, T, n·size] -> [B·n, T, size] in float32: state heads are folded into the operator's N."""
+        if heads == 1:  # the fold is the identity (a view): skip its three view operations
+            return t.float()
         batch, length, width = t.shape
         return t.float().view(batch, length, heads, width // heads).transpose(1, 2).reshape(batch * heads, length, -1)
 

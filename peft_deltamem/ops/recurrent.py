@@ -29,18 +29,22 @@ def recurrent_delta_rule_scan(
     keep, erase, write = keep.float(), erase.float(), write.float()
     n, t, r = q.shape
     s = q.new_zeros(n, r, r) if state is None else state.float()
+    # This loop is also the decode path (one step per generated token), so each step is kept to few operations:
+    # the inputs are split into per-token views once (unbind), and q_t, k_t are the two columns of one r×2 matrix,
+    # so a single product S [q_t k_t] gives both S q_t and S k_t.
+    qk = torch.stack((q, k), dim=-1)  # [N, T, r, 2]
+    valid_steps = mask.unsqueeze(-1).unbind(1) if mask is not None else (None,) * t  # [N, 1] each
+    per_token = (qk, k, v, keep, erase, write)
+    steps = zip(*(x.unbind(1) for x in per_token), valid_steps, strict=True)
     reads = []
-    for i in range(t):
-        q_t, k_t, v_t = q[:, i], k[:, i], v[:, i]
-        read = torch.einsum("nvk,nk->nv", s, q_t)
-        s_k = torch.einsum("nvk,nk->nv", s, k_t)
+    for qk_t, k_t, v_t, keep_t, erase_t, write_t, valid in steps:
+        read, s_k = torch.bmm(s, qk_t).unbind(-1)  # read = S q_t, s_k = S k_t
         # Each row (value dim) is its own scalar-gated delta rule; all rows share the key k_t.
-        update = (write[:, i] * v_t - erase[:, i] * s_k).unsqueeze(-1) * k_t.unsqueeze(-2)
-        s_next = keep[:, i].unsqueeze(-1) * s + update
-        if mask is not None:
-            valid = mask[:, i].view(n, 1)
-            read = torch.where(valid, read, torch.zeros_like(read))
-            s_next = torch.where(valid.view(n, 1, 1), s_next, s)
+        update = (write_t * v_t - erase_t * s_k).unsqueeze(-1) * k_t.unsqueeze(-2)
+        s_next = keep_t.unsqueeze(-1) * s + update
+        if valid is not None:
+            read = torch.where(valid, read, 0.0)
+            s_next = torch.where(valid.unsqueeze(-1), s_next, s)
         s = s_next
         reads.append(read)
     reads_out = torch.stack(reads, dim=1) if reads else q.new_zeros(n, 0, r)

@@ -28,3 +28,4 @@ def _add_peft_type(name: str) -> PeftType:
 
 
 DELTAMEM_PEFT_TYPE = _add_peft_type("DELTAMEM")
+"""The ``PeftType`` member of δ-mem (``PeftType.DELTAMEM``), written as ``"peft_type": "DELTAMEM"`` in adapter configs."""

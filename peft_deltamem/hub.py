@@ -330,7 +330,8 @@ def write_model_card(
             adapter directory (the card is written into it).
         results: evaluation results, a JSON file or a parsed object, rendered as a table.
         repo_id: the Hub repo the card will live in (used in the usage example).
-        base_num_parameters, num_layers: facts about the base model for a directory, if known (a model knows them).
+        base_num_parameters: parameter count of the base model, for a directory (a model knows it).
+        num_layers: number of decoder layers of the base model, for a directory (a model knows it).
         source: where a converted adapter came from, mentioned in the text.
 
     Metadata already in ``README.md`` (e.g. from PEFT's ``save_pretrained``) is kept and completed; its text is

@@ -123,7 +123,7 @@ def _argparse_error(message: str, args: list[str], source: str) -> RecipeError:
     return RecipeError(f"{where}: {options[0].lstrip('-')}: {match.group(2)}")
 
 
-def _adapter_config(values: dict[str, Any], source: str) -> DeltaMemConfig:
+def _adapter_config(values: dict[str, Any], source: str, from_cli: set[str]) -> DeltaMemConfig:
     unknown = sorted(set(values) - _ADAPTER_FIELDS)
     if unknown:
         raise RecipeError(
@@ -132,7 +132,9 @@ def _adapter_config(values: dict[str, Any], source: str) -> DeltaMemConfig:
     try:
         return DeltaMemConfig(**{"task_type": "CAUSAL_LM", **values})
     except (TypeError, ValueError) as err:
-        raise RecipeError(f"{source}: deltamem: {_one_line(err)}") from err
+        field = re.search(r"DeltaMemConfig\.(\w+)", str(err))
+        where = "command line" if field is not None and field.group(1) in from_cli else source
+        raise RecipeError(f"{where}: deltamem: {_one_line(err)}") from err
 
 
 def parse_recipe(argv: Sequence[str]) -> Recipe:
@@ -186,7 +188,7 @@ def parse_recipe(argv: Sequence[str]) -> Recipe:
             message = f"unknown arguments {message.split(':', 1)[1].strip()}"
             source = "command line"
         raise RecipeError(f"{source}: {message}") from err
-    return Recipe(script, training, model, _adapter_config(adapter, source), source)
+    return Recipe(script, training, model, _adapter_config(adapter, source, set(cli_adapter)), source)
 
 
 def _load_data(recipe: Recipe, split: str):

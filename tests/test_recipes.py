@@ -153,6 +153,8 @@ def test_bad_command_line_values_name_the_command_line(tmp_path) -> None:
         parse_recipe([path, "--learning_rate", "fast"])
     with pytest.raises(RecipeError, match=r"^command line: unknown arguments \['--no_such_field', '1'\]"):
         parse_recipe([path, "--no_such_field", "1"])
+    with pytest.raises(RecipeError, match=r"^command line: deltamem: DeltaMemConfig.r must be a positive integer"):
+        parse_recipe([path, "--deltamem.r", "0"])
     with pytest.raises(RecipeError, match=r"^command line: unknown adapter field 'rank'"):
         parse_recipe([path, "--deltamem.rank", "4"])
     with pytest.raises(RecipeError, match=r"^no/such.yaml: no such recipe file"):

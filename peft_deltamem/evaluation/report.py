@@ -60,7 +60,9 @@ def markdown_table(result: Result) -> str:
     the other metrics, and the mean log-probability of the reference answer. Numbers are percentages."""
     metric = result.get("metric", "accuracy")
     columns = [("accuracy", f"accuracy ({metric}) [95% CI]")]
-    columns += [(m, m.replace("_", " ")) for m in ("exact_match", "contains_match", "forced_choice", "f1") if m != metric]
+    columns += [
+        (m, m.replace("_", " ")) for m in ("exact_match", "contains_match", "forced_choice", "f1") if m != metric
+    ]
     present = [c for c in columns if any(c[0] in s for s in result["systems"].values())]
     header = ["system", *[c[1] for c in present], "gold log-prob", "n"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -177,7 +179,9 @@ def plot_results(
     metrics = sorted({r.get("metric", "accuracy") for r in results.values()})
     ax.set_ylabel(" / ".join(metrics).replace("_", " ") + " (95 % CI)")
     ax.set_ylim(0, 1.05)
-    ax.set_title(title + ("  (dashed: chance)" if any("chance" in r.get("diagnostics", {}) for r in results.values()) else ""))
+    ax.set_title(
+        title + ("  (dashed: chance)" if any("chance" in r.get("diagnostics", {}) for r in results.values()) else "")
+    )
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
     fig.tight_layout()
     return _save(fig, plt, path)

@@ -41,3 +41,11 @@ clean:
 docs: $(STAMP)
 	$(PY) -c "import mkdocs, material, mkdocstrings_handlers.python" 2>/dev/null || $(PY) -m pip install -q -e ".[docs]"
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# `make demo`: the README's first command. Builds .venv like `make test`, provisions SmolLM2-135M-Instruct offline,
+# trains a δ-mem adapter on CPU for at most DEMO_MINUTES, evaluates it and ends with a MemorySession exchange.
+DEMO_MINUTES ?= 15
+DEMO_OUTPUT ?= demo-output
+.PHONY: demo
+demo: $(STAMP)
+	$(PY) -m peft_deltamem.demo --train-minutes $(DEMO_MINUTES) --output $(DEMO_OUTPUT)

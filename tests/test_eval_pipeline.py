@@ -21,7 +21,6 @@ from peft_deltamem.evaluation.pipeline import (
     evaluate_recall,
     evaluate_task,
     recall_task,
-    render_prompt,
     score_continuations,
     write_memories,
 )
@@ -100,7 +99,10 @@ def test_prompts_of_each_system(l1_result) -> None:
 def test_empty_memory_control_is_the_base_model_and_memory_matters(l1_result) -> None:
     # A zero memory reads zero, so the corrections vanish: exactly the base model without history.
     torch.testing.assert_close(
-        _choice_logprobs(l1_result, "deltamem_empty_memory"), _choice_logprobs(l1_result, "no_history"), atol=1e-4, rtol=0
+        _choice_logprobs(l1_result, "deltamem_empty_memory"),
+        _choice_logprobs(l1_result, "no_history"),
+        atol=1e-4,
+        rtol=0,
     )
     own = _choice_logprobs(l1_result, "deltamem")
     assert (own - _choice_logprobs(l1_result, "no_history")).abs().max() > 1e-2
@@ -244,8 +246,8 @@ def test_locomo_end_to_end_on_a_fixture(model, tokenizer, tmp_path) -> None:
     manual = MemoryState()
     with torch.no_grad():
         for session in task.conversations[1].sessions:
-            ids = torch.tensor([render_prompt(tokenizer, session, {})[:-3]])  # drop the generation prompt
-            model(input_ids=ids, memory=manual)
+            text = tokenizer.apply_chat_template(session, tokenize=False)
+            model(input_ids=torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]]), memory=manual)
     for name in manual.states:
         torch.testing.assert_close(memories.states[name][1:2], manual.states[name], atol=1e-5, rtol=1e-4)
 
@@ -262,3 +264,37 @@ def test_reports(l1_result, tmp_path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     path = write_json(strip_records(l1_result), tmp_path / "r.json")
     assert json.loads(path.read_text())["systems"]["deltamem"]["n"] == 6
+
+
+def test_cli_eval_recall_and_locomo(tokenizer, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from peft_deltamem.cli import COMMANDS
+    from peft_deltamem.cli_eval import TRAINING_INFO_FILE, main
+
+    assert COMMANDS["eval"] == "peft_deltamem.cli_eval:main"
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    tiny_model("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).save_pretrained(base_dir)
+    copy.deepcopy(tokenizer).save_pretrained(base_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    get_peft_model(base, DeltaMemConfig(task_type="CAUSAL_LM", r=4)).save_pretrained(adapter_dir)
+    (adapter_dir / TRAINING_INFO_FILE).write_text(json.dumps({"write_pass_reads": False}))
+    common = ["--base", str(base_dir), "--adapter", str(adapter_dir), "--no-progress", "--max-new-tokens", "2"]
+
+    out = tmp_path / "recall"
+    assert main(["recall", "--levels", "1,2", "--n", "3", "--output", str(out), *common]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"L1", "L2"}
+    assert list(results["L1"]["systems"]) == list(SYSTEMS)
+    assert results["L1"]["settings"]["write_pass_reads"] is False  # read from the adapter directory
+    assert "records" not in results["L1"] and (out / "records.json").is_file()
+    assert (out / "results.png").is_file() and "`deltamem_other_memory`" in (out / "results.md").read_text()
+
+    data = tmp_path / "locomo.json"
+    data.write_text(json.dumps(_locomo_fixture()))
+    out = tmp_path / "locomo"
+    assert main(["locomo", "--data", str(data), "--max-questions", "3", "--output", str(out), *common]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["LoCoMo"]["metric"] == "f1" and results["LoCoMo"]["n_questions"] == 3
+
+    assert main(["locomo", "--data", str(tmp_path / "missing.json"), *common]) == 2

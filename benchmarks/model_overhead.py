@@ -1,0 +1,510 @@
+"""What δ-mem costs on top of the base model and of LoRA: training step, prefill, decode, generate, peak memory.
+
+    python benchmarks/model_overhead.py [--smoke] [--out benchmarks/results/model_overhead.json] [--threads 1]
+
+Three systems built from the same base model (SmolLM2-135M-Instruct via ``load_base_model``, offline; ``--smoke``
+uses a tiny random Llama):
+
+- ``base``: the model itself;
+- ``lora``: PEFT LoRA, r 8, alpha 16, on ``q_proj`` and ``o_proj`` of every layer, no dropout;
+- ``deltamem``: δ-mem, ``DeltaMemConfig(r=8, delta_heads=["q", "o"])`` on every attention layer (the defaults:
+  token writes, one state head, chunked scan for T > 1).
+
+Measurements (batch 1):
+
+- training step: forward + backward of the causal-LM loss on ``--train-tokens`` tokens, then ``zero_grad``. δ-mem
+  runs a normal forward with ``memory=MemoryState()``, so the memory writes run with gradients. The base model is
+  frozen: its backward is taken w.r.t. the input embeddings, i.e. the backward through the whole network that every
+  adapter pays (no weight gradients);
+- prefill: one ``torch.no_grad`` forward over ``--prefill-tokens`` tokens that fills a KV cache (``logits_to_keep=1``,
+  as ``generate`` does), δ-mem with a fresh memory that it writes;
+- decode: after a ``--decode-prompt``-token prefill, ``--decode-steps`` greedy one-token steps with the KV cache
+  (δ-mem reads and writes its memory every step); per-token latency = median over all timed steps;
+- generate: end-to-end ``model.generate`` of ``--decode-steps`` new tokens after the same prompt (δ-mem with
+  ``memory=MemoryState()``, which also writes the last token and keeps the caller's memory);
+- peak memory: resident-set growth during one call (``_timing.peak_memory``), each (system, phase) in a fresh
+  subprocess that loads only that system, so no earlier call's freed-but-cached memory hides the peak
+  (``--in-process-memory``, and ``--smoke``, measure in this process instead), after one small call of the same
+  kind that pages in the weights, with glibc malloc set to hand freed memory back at once (``PROBE_ENV``) so that
+  the resident set follows the memory in use; the subprocess's peak RSS (weights included) is reported too.
+
+Timings are interleaved so that load on a shared machine hits every system alike: each round calls base, LoRA and
+δ-mem once in turn (decode interleaves single steps), and each system's time is the median over rounds. Ratios are
+taken between medians of the same run. The JSON records the load average at start and end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_HERE = Path(__file__).resolve().parent
+for _path in (_HERE, _HERE.parent):  # run from a checkout without installing: `python benchmarks/model_overhead.py`
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import _timing  # noqa: E402
+
+from peft_deltamem import DeltaMemConfig, MemoryState  # noqa: E402
+
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SYSTEMS = ("base", "lora", "deltamem")
+PHASES = ("train", "prefill", "decode")
+MEASUREMENTS = ("train", "prefill", "decode", "generate", "memory")
+# A tiny Llama for --smoke (and the tests): same code paths, a few ms per call.
+SMOKE_MODEL = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+FULL = {"train_tokens": 2048, "prefill_tokens": 2048, "decode_prompt": 512, "decode_steps": 64}
+SMOKE = {"train_tokens": 48, "prefill_tokens": 48, "decode_prompt": 16, "decode_steps": 4}
+WARMUP_SIZES = {"train_tokens": 16, "prefill_tokens": 16, "decode_prompt": 8, "decode_steps": 2}
+TARGETS = {  # δ-mem / reference, from the issue (benchmarks, not tests)
+    "train": ("lora", 1.30),
+    "prefill": ("base", 1.15),
+    "decode": ("base", 1.10),
+}
+
+
+# ----- shared with history_scaling.py ------------------------------------------------------------------------------
+def load_base(smoke: bool, model: str = MODEL) -> torch.nn.Module:
+    """The base causal LM in eval mode: the real SmolLM2 (offline, cached conversion) or, for smoke, a tiny Llama."""
+    if smoke:
+        import transformers as tf
+
+        torch.manual_seed(0)
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**SMOKE_MODEL)).eval()
+    from peft_deltamem.models import load_base_model
+
+    base, _ = load_base_model(model)
+    return base.eval()
+
+
+def wrap(base: torch.nn.Module, system: str) -> torch.nn.Module:
+    """``base`` itself, or ``base`` wrapped (in place) with the LoRA or δ-mem adapter of this benchmark."""
+    from peft import LoraConfig, get_peft_model
+
+    if system == "base":
+        return base
+    if system == "lora":
+        config = LoraConfig(
+            task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=["q_proj", "o_proj"], lora_dropout=0.0
+        )
+    elif system == "deltamem":
+        config = DeltaMemConfig(task_type="CAUSAL_LM", r=8, delta_heads=["q", "o"])
+    else:
+        raise ValueError(f"unknown system {system!r}")
+    return get_peft_model(base, config).eval()
+
+
+def build_systems(base: torch.nn.Module, systems: Sequence[str] = SYSTEMS) -> dict[str, torch.nn.Module]:
+    """One model per system; the adapters wrap deep copies, so ``base`` stays the plain model."""
+    return {name: wrap(base if name == "base" else copy.deepcopy(base), name) for name in systems}
+
+
+def memory_kwargs(system: str) -> dict[str, Any]:
+    """A fresh, empty memory for δ-mem calls; nothing for the others."""
+    return {"memory": MemoryState()} if system == "deltamem" else {}
+
+
+def random_ids(length: int, vocab: int, seed: int) -> torch.Tensor:
+    """[1, length] token ids that avoid the first 3 (special) ids."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (1, length), generator=generator)
+
+
+def interleaved(calls: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1) -> dict[str, dict[str, Any]]:
+    """Time every call once per round, in turn (``warmup`` untimed rounds first); per call: median etc. over rounds.
+
+    Interleaving makes background load on a shared machine fall on all calls alike, so their ratios are fair.
+    """
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_index in range(warmup + rounds):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            if round_index >= warmup:
+                times[name].append(elapsed)
+    return {name: summarize(values, warmup=warmup) for name, values in times.items()}
+
+
+def summarize(values: Sequence[float], warmup: int = 0) -> dict[str, Any]:
+    """``_timing.time_fn``'s result format for a list of timings."""
+    return {
+        "median_s": statistics.median(values),
+        "min_s": min(values),
+        "max_s": max(values),
+        "mean_s": statistics.fmean(values),
+        "warmup": warmup,
+        "repeats": len(values),
+        "times_s": list(values),
+    }
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages, where the OS reports them."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def max_rss_mb() -> float:
+    """This process's peak resident set size so far, in MiB.
+
+    Linux: ``VmHWM`` from /proc/self/status, the high-water mark of this program's own address space.
+    (``ru_maxrss`` is no use in a subprocess: it keeps the parent's high-water mark across fork + exec.)
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# For the memory probes: glibc malloc serves every allocation above 128 KiB from its own mapping and returns freed
+# memory at once (fixed thresholds; by default they rise with use and freed memory stays in the heap), so the
+# resident set follows the memory actually in use instead of what the allocator keeps cached.
+PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def probe_in_subprocess(script: Path, argv: Sequence[str]) -> dict[str, Any]:
+    """Run ``script --probe ...`` in a fresh interpreter (with :data:`PROBE_ENV`); it prints one ``PROBE {json}``."""
+    env = {**os.environ, **PROBE_ENV}
+    result = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, check=False, env=env)
+    for line in result.stdout.splitlines():
+        if line.startswith("PROBE "):
+            return json.loads(line[len("PROBE ") :])
+    raise RuntimeError(f"memory probe {argv} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
+
+
+# ----- the measured calls ------------------------------------------------------------------------------------------
+def train_step(system: str, model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:
+    """Forward + backward of the LM loss on ``ids``, then zero_grad (see the module docstring for the base model)."""
+
+    def step() -> None:
+        if system == "base":
+            embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+            out = model(inputs_embeds=embeds, labels=ids, use_cache=False)
+        else:
+            out = model(input_ids=ids, labels=ids, use_cache=False, **memory_kwargs(system))
+        out.loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def prefill(system: str, model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:
+    """A no-grad forward that fills a fresh KV cache (and, for δ-mem, writes a fresh memory)."""
+
+    def call() -> None:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=True, logits_to_keep=1, **memory_kwargs(system))
+
+    return call
+
+
+class Decoder:
+    """Greedy decoding one step at a time with a KV cache (and, for δ-mem, a memory read and written every step)."""
+
+    def __init__(self, system: str, model: torch.nn.Module, prompt: torch.Tensor) -> None:
+        self.system, self.model, self.prompt = system, model, prompt
+
+    def start(self) -> None:
+        """Prefill the prompt into a fresh cache and memory."""
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache()
+        self.kwargs = memory_kwargs(self.system)
+        with torch.no_grad():
+            out = self.model(
+                input_ids=self.prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1, **self.kwargs
+            )
+        self.feed = out.logits[:, -1:].argmax(-1)
+
+    def step(self) -> None:
+        """Feed the last token; keep the greedy next one."""
+        with torch.no_grad():
+            out = self.model(input_ids=self.feed, past_key_values=self.cache, use_cache=True, **self.kwargs)
+        self.feed = out.logits[:, -1:].argmax(-1)
+
+    def run(self, steps: int) -> None:
+        """Prefill, then ``steps`` decode steps (the memory probe's call)."""
+        self.start()
+        for _ in range(steps):
+            self.step()
+
+
+def generate(system: str, model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> Callable[[], None]:
+    """End-to-end greedy ``generate`` of exactly ``new_tokens`` tokens."""
+
+    def call() -> None:
+        with torch.no_grad():
+            model.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                **memory_kwargs(system),
+            )
+
+    return call
+
+
+def interleaved_decode(
+    decoders: dict[str, Decoder], steps: int, rounds: int, warmup_steps: int
+) -> dict[str, dict[str, Any]]:
+    """Per system, every decode step's time; the systems take turns step by step (prefills are not timed)."""
+    times: dict[str, list[float]] = {name: [] for name in decoders}
+    for round_index in range(rounds + 1):
+        for decoder in decoders.values():
+            decoder.start()
+        timed = round_index > 0  # round 0 warms up with a few steps
+        for _ in range(steps if timed else warmup_steps):
+            for name, decoder in decoders.items():
+                start = time.perf_counter()
+                decoder.step()
+                elapsed = time.perf_counter() - start
+                if timed:
+                    times[name].append(elapsed)
+    return {name: summarize(values, warmup=warmup_steps) for name, values in times.items()}
+
+
+def phase_call(phase: str, system: str, model: torch.nn.Module, sizes: dict[str, int], vocab: int):
+    """The call that one memory probe measures."""
+    if phase == "train":
+        return train_step(system, model, random_ids(sizes["train_tokens"], vocab, seed=1))
+    if phase == "prefill":
+        return prefill(system, model, random_ids(sizes["prefill_tokens"], vocab, seed=2))
+    if phase == "decode":
+        decoder = Decoder(system, model, random_ids(sizes["decode_prompt"], vocab, seed=3))
+        return lambda: decoder.run(sizes["decode_steps"])
+    raise ValueError(f"unknown phase {phase!r}")
+
+
+def run_probe(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, Any]:
+    """``--probe PHASE SYSTEM``: load one system and measure the peak memory of one call (subprocess side)."""
+    phase, system = args.probe
+    model = wrap(load_base(args.smoke, args.model), system)
+    vocab = model.config.vocab_size
+    # A small call of the same kind first: it pages in the weights (loaded lazily) and initialises the kernels,
+    # which would otherwise count as the measured call's growth.
+    phase_call(phase, system, model, WARMUP_SIZES, vocab)()
+    gc.collect()
+    peak = _timing.peak_memory(phase_call(phase, system, model, sizes, vocab))
+    return {"phase": phase, "system": system, "peak_mb": peak["peak_bytes"] / 2**20, "method": peak["method"]} | {
+        "process_peak_rss_mb": max_rss_mb()
+    }
+
+
+# ----- report ------------------------------------------------------------------------------------------------------
+METRICS = (  # (key, title)
+    ("train_step_s", "training step (s)"),
+    ("prefill_s", "prefill (s)"),
+    ("decode_ms_per_token", "decode (ms/token)"),
+    ("generate_s", "generate() total (s)"),
+    ("train_peak_mb", "training peak (MB)"),
+    ("prefill_peak_mb", "prefill peak (MB)"),
+    ("decode_peak_mb", "decode peak (MB)"),
+    ("trainable_params", "trainable params"),
+)
+TARGET_OF = {"train_step_s": "train", "prefill_s": "prefill", "decode_ms_per_token": "decode"}
+
+
+def table_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per metric: the three systems, δ-mem/base, δ-mem/LoRA and the target, where there is one."""
+    rows = []
+    for key, title in METRICS:
+        values = {system: results[system].get(key) for system in SYSTEMS}
+        if any(v is None for v in values.values()):
+            continue
+        row: dict[str, Any] = {"metric": title, "key": key, **values}
+        row["deltamem_over_base"] = values["deltamem"] / values["base"] if values["base"] else None
+        row["deltamem_over_lora"] = values["deltamem"] / values["lora"] if values["lora"] else None
+        row["lora_over_base"] = values["lora"] / values["base"] if values["base"] else None
+        if key in TARGET_OF:
+            reference, limit = TARGETS[TARGET_OF[key]]
+            ratio = row[f"deltamem_over_{reference}"]
+            row["target"] = f"≤ {limit:.2f}× {'LoRA' if reference == 'lora' else 'base'}"
+            row["met"] = "yes" if ratio <= limit else "no"
+        rows.append(row)
+    return rows
+
+
+COLUMNS = {
+    "metric": "metric",
+    "base": "base",
+    "lora": "LoRA",
+    "deltamem": "δ-mem",
+    "deltamem_over_base": "δ-mem/base",
+    "deltamem_over_lora": "δ-mem/LoRA",
+    "lora_over_base": "LoRA/base",
+    "target": "target",
+    "met": "met",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, print the markdown table, write the JSON; returns the JSON object."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _timing.add_common_args(parser, _timing.RESULTS_DIR / "model_overhead.json")
+    parser.add_argument("--model", default=MODEL, help="base model name or local directory (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per measurement (default 5; smoke 1)")
+    parser.add_argument("--train-rounds", type=int, default=None, help="timed rounds of the training step (default 3)")
+    parser.add_argument("--generate-rounds", type=int, default=None, help="timed rounds of generate() (default 2)")
+    for name, value in FULL.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"default {value}")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=MEASUREMENTS,
+        default=MEASUREMENTS,
+        help="measure only these (default: all)",
+    )
+    parser.add_argument("--in-process-memory", action="store_true", help="measure peak memory in this process")
+    parser.add_argument("--probe", nargs=2, metavar=("PHASE", "SYSTEM"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    defaults = SMOKE if args.smoke else FULL
+    sizes = {name: getattr(args, name) or value for name, value in defaults.items()}
+    if args.probe:
+        print("PROBE " + json.dumps(run_probe(args, sizes)), flush=True)
+        return {}
+    rounds = args.rounds or (1 if args.smoke else 5)
+    train_rounds = args.train_rounds or (1 if args.smoke else 3)
+    generate_rounds = args.generate_rounds or (1 if args.smoke else 2)
+
+    machine = _timing.machine_info()
+    load_start = load_average()
+    print(f"# model_overhead{' (smoke)' if args.smoke else ''}: {_timing.describe_machine(machine)}", flush=True)
+    started = time.perf_counter()
+    base = load_base(args.smoke, args.model)
+    vocab = base.config.vocab_size
+    models = build_systems(base)
+    results: dict[str, dict[str, Any]] = {name: {} for name in SYSTEMS}
+    timings: dict[str, Any] = {}
+    for name, model in models.items():
+        results[name]["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    results["base"]["trainable_params"] = 0  # frozen: the backward is taken w.r.t. the input embeddings
+
+    def record(key: str, measured: dict[str, dict[str, Any]], scale: float = 1.0) -> None:
+        timings[key] = measured
+        for name in SYSTEMS:
+            results[name][key] = measured[name]["median_s"] * scale
+        print(f"{key}: " + ", ".join(f"{n} {results[n][key]:.4g}" for n in SYSTEMS), flush=True)
+
+    decode_rounds = max(1, rounds // 2) if not args.smoke else 1
+    if "train" in args.only:
+        train_ids = random_ids(sizes["train_tokens"], vocab, seed=1)
+        calls = {n: train_step(n, m, train_ids) for n, m in models.items()}
+        record("train_step_s", interleaved(calls, train_rounds))
+    if "prefill" in args.only:
+        prefill_ids = random_ids(sizes["prefill_tokens"], vocab, seed=2)
+        record("prefill_s", interleaved({n: prefill(n, m, prefill_ids) for n, m in models.items()}, rounds))
+    prompt = random_ids(sizes["decode_prompt"], vocab, seed=3)
+    if "decode" in args.only:
+        decoders = {n: Decoder(n, m, prompt) for n, m in models.items()}
+        record("decode_ms_per_token", interleaved_decode(decoders, sizes["decode_steps"], decode_rounds, 4), 1e3)
+        for name in SYSTEMS:
+            results[name]["decode_mean_ms_per_token"] = timings["decode_ms_per_token"][name]["mean_s"] * 1e3
+    if "generate" in args.only:
+        gen_calls = {n: generate(n, m, prompt, sizes["decode_steps"]) for n, m in models.items()}
+        record("generate_s", interleaved(gen_calls, generate_rounds, warmup=1 if args.smoke else 0))
+
+    in_process = args.smoke or args.in_process_memory
+    memory_method = "in-process" if in_process else "subprocess per (phase, system)"
+    for phase in PHASES if "memory" in args.only else ():
+        for name in SYSTEMS:
+            if in_process:
+                peak = _timing.peak_memory(phase_call(phase, name, models[name], sizes, vocab))
+                probe = {"peak_mb": peak["peak_bytes"] / 2**20, "method": peak["method"], "process_peak_rss_mb": None}
+            else:
+                argv = ["--probe", phase, name, "--model", args.model]
+                argv += ["--threads", str(args.threads)] if args.threads else []
+                probe = probe_in_subprocess(Path(__file__), argv)
+            results[name][f"{phase}_peak_mb"] = probe["peak_mb"]
+            results[name][f"{phase}_process_peak_rss_mb"] = probe["process_peak_rss_mb"]
+            results[name]["memory_method"] = f"{probe['method']}, {memory_method}"
+        print(
+            f"{phase} peak MB: " + ", ".join(f"{n} {results[n][f'{phase}_peak_mb']:.0f}" for n in SYSTEMS), flush=True
+        )
+
+    rows = table_rows(results)
+    load_end = load_average()
+    notes = [
+        f"Batch 1. Training step: {sizes['train_tokens']} tokens, forward + backward of the LM loss + zero_grad; δ-mem"
+        " with memory=MemoryState() (writes with gradients); base frozen, backward w.r.t. the input embeddings.",
+        f"Prefill: {sizes['prefill_tokens']} tokens, no grad, KV cache, logits_to_keep=1 (δ-mem writes a fresh memory).",
+        f"Decode: {sizes['decode_steps']} greedy steps after a {sizes['decode_prompt']}-token prefill, KV cache"
+        " (δ-mem reads + writes its memory each step); median over all timed steps, systems interleaved step by step.",
+        f"generate(): prompt {sizes['decode_prompt']} + {sizes['decode_steps']} new tokens end to end, greedy.",
+        f"Times: median over interleaved rounds (train {train_rounds}, prefill {rounds}, decode {decode_rounds}×"
+        f"{sizes['decode_steps']} steps, generate {generate_rounds}), after warm-up; wall clock.",
+        f"Peak MB: resident-set growth during one call ({memory_method})"
+        + ("." if in_process else ", after a small warm-up call; glibc malloc set to return freed memory (PROBE_ENV)."),
+        f"Load average (1, 5, 15 min) at start {load_start}, at end {load_end}.",
+    ]
+    print()
+    _timing.print_table(rows, COLUMNS)
+    print()
+    for note in notes:
+        print(f"- {note}")
+    result = {
+        "benchmark": "model_overhead",
+        "smoke": args.smoke,
+        "model": "tiny random Llama (smoke)" if args.smoke else args.model,
+        "model_config": {k: getattr(base.config, k, None) for k in SMOKE_MODEL},
+        "machine": machine,
+        "load_average_start": load_start,
+        "load_average_end": load_end,
+        "wall_s": time.perf_counter() - started,
+        "settings": {
+            "measured": list(args.only),
+            **sizes,
+            "rounds": rounds,
+            "train_rounds": train_rounds,
+            "decode_rounds": decode_rounds,
+            "generate_rounds": generate_rounds,
+            "memory": memory_method,
+        },
+        "targets": {phase: {"reference": ref, "max_ratio": limit} for phase, (ref, limit) in TARGETS.items()},
+        "notes": notes,
+        "rows": rows,
+        "systems": results,
+        "timings": timings,
+    }
+    out = _timing.write_json(args.out, result)
+    print(f"\nwrote {out}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

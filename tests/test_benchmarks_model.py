@@ -1,0 +1,113 @@
+"""The model_overhead and history_scaling benchmarks run (smoke mode: tiny random Llama) and write sane JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    """Import ``benchmarks/<name>.py`` by path (the folder is not a package)."""
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(module, argv: list[str]) -> dict:
+    threads = torch.get_num_threads()
+    try:  # one thread: the smoke run stays quick on a shared, busy machine
+        return module.main([*argv, "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_common(data: dict, returned: dict, name: str, out: Path) -> None:
+    assert data == json.loads(json.dumps(returned))
+    assert data["benchmark"] == name and data["smoke"] is True
+    assert {"cpu", "cpu_count", "torch", "python", "torch_threads"} <= data["machine"].keys()
+    assert data["machine"]["torch_threads"] == 1
+    for key in ("load_average_start", "load_average_end"):
+        assert data[key] is None or len(data[key]) == 3
+    assert not list(out.parent.glob(".*.tmp"))  # the atomic write left no temp file
+
+
+def test_model_overhead_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _load("model_overhead")
+    out = tmp_path / "nested" / "model_overhead.json"
+    returned = _run(bench, ["--smoke", "--out", str(out)])
+    data = json.loads(out.read_text())
+    _check_common(data, returned, "model_overhead", out)
+    assert data["settings"]["memory"] == "in-process"
+
+    rows = {row["key"]: row for row in data["rows"]}
+    assert set(rows) == {key for key, _ in bench.METRICS}
+    for key, row in rows.items():
+        values = [row[system] for system in bench.SYSTEMS]
+        if key == "trainable_params":
+            assert row["base"] == 0 and 0 < row["lora"] and 0 < row["deltamem"]
+            continue
+        assert all(isinstance(v, float) and v >= 0 for v in values), row
+        if key.endswith("_s") or key.endswith("per_token"):  # times: positive, ratios of the medians
+            assert all(v > 0 for v in values), row
+            assert row["deltamem_over_base"] == pytest.approx(row["deltamem"] / row["base"])
+            assert row["deltamem_over_lora"] == pytest.approx(row["deltamem"] / row["lora"])
+    for key, phase in bench.TARGET_OF.items():
+        reference, limit = bench.TARGETS[phase]
+        assert rows[key]["met"] == ("yes" if rows[key][f"deltamem_over_{reference}"] <= limit else "no")
+    for system in bench.SYSTEMS:
+        timing = data["timings"]["decode_ms_per_token"][system]
+        assert timing["repeats"] == bench.SMOKE["decode_steps"] == len(timing["times_s"])  # every step timed
+        assert data["timings"]["train_step_s"][system]["repeats"] == 1
+    printed = capsys.readouterr().out
+    assert "| metric | base | LoRA | δ-mem | δ-mem/base | δ-mem/LoRA |" in printed
+    assert "training step (s)" in printed and "decode (ms/token)" in printed
+
+
+def test_model_overhead_only_some_measurements(tmp_path: Path) -> None:
+    bench = _load("model_overhead")
+    data = _run(bench, ["--smoke", "--out", str(tmp_path / "r.json"), "--only", "decode"])
+    assert [row["key"] for row in data["rows"]] == ["decode_ms_per_token", "trainable_params"]
+
+
+def test_history_scaling_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _load("history_scaling")
+    out = tmp_path / "history_scaling.json"
+    plot = tmp_path / "img" / "history.png"
+    returned = _run(bench, ["--smoke", "--out", str(out), "--plot", str(plot)])
+    data = json.loads(out.read_text())
+    _check_common(data, returned, "history_scaling", out)
+    sizes, window = bench.SMOKE, bench.SMOKE_POSITIONS
+    assert data["settings"]["window"] == window
+    rows = {(row["system"], row["history_tokens"]): row for row in data["rows"]}
+    assert set(rows) == {(system, h) for system in bench.SYSTEMS for h in sizes["histories"]}
+
+    short, middle, longest = sizes["histories"]
+    room = window - sizes["question"] - sizes["answer"]
+    assert rows[("in_context", short)]["history_in_context"] == short  # fits whole
+    assert rows[("in_context", middle)]["history_in_context"] == room  # truncated to fit
+    assert rows[("in_context", longest)]["possible"] is False and "exceeds" in rows[("in_context", longest)]["note"]
+    assert rows[("in_context", longest)].get("total_s") is None
+    for row in rows.values():
+        if not row["possible"]:
+            continue
+        assert row["take_in_s"] > 0 and row["answer_s"] > 0
+        assert row["total_s"] == pytest.approx(row["take_in_s"] + row["answer_s"])
+        assert row["peak_mb"] >= 0 and row["carrier_mb"] > 0
+    memory_sizes = {rows[("deltamem", h)]["carrier_mb"] for h in sizes["histories"]}
+    assert len(memory_sizes) == 1  # the memory does not grow with the history
+    assert rows[("in_context", middle)]["carrier_mb"] > rows[("in_context", short)]["carrier_mb"]  # the KV cache does
+    summary = data["summary"]
+    assert {"deltamem_peak_growth_longest_vs_smallest", "target", "met"} <= summary.keys()
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and data["plot"] == str(plot)
+    printed = capsys.readouterr().out
+    assert "| system | history tokens | possible |" in printed

@@ -1,0 +1,479 @@
+"""``deltamem demo``: train a δ-mem adapter on SmolLM2-135M-Instruct on a CPU in minutes and show it recall.
+
+Steps: provision the base model (offline route, :mod:`peft_deltamem.models`); generate the recall ladder's training
+split; train a TSW adapter with the CPU recipe (``recipes/smollm2-135m/tsw-cpu.yaml``) for at most
+``--train-minutes`` of wall-clock time (:class:`TimeBudgetCallback`), probing own- vs other-memory accuracy on a few
+held-out conversations as it goes (:class:`ProbeCallback`, the training-time curve); evaluate the memory-only
+protocol (:mod:`peft_deltamem.evaluation.pipeline`) on the test split of every requested level; print the table,
+save ``results.json``, ``results.md`` and the plots; and finish with a scripted
+:class:`~peft_deltamem.session.MemorySession` exchange in which a fact from an early turn is recalled with the
+history out of the prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .evaluation.pipeline import EvalSettings, evaluate_task, recall_task
+
+# ------------------------------------------------------------------------------------------------------- callbacks
+
+PROBE_SYSTEMS = ("deltamem", "deltamem_other_memory")
+
+
+class TimeBudgetCallback(TrainerCallback):
+    """Stop training once ``minutes`` of training time have passed (checked after every optimiser step).
+
+    Time spent inside :class:`ProbeCallback` probes is not counted (``excluded_seconds``), so the budget is the time
+    spent training, and the probes do not shorten it.
+
+    ``clock="wall"`` counts wall-clock time. ``clock="process"`` counts this process's CPU time divided by torch's
+    thread count: on a machine shared with other jobs, that is the wall time the same work would take with those
+    cores to itself (used for the measurements in ``docs/evaluation.md``).
+    """
+
+    def __init__(self, minutes: float, clock: str = "wall") -> None:
+        if minutes <= 0:
+            raise ValueError(f"minutes must be > 0, got {minutes}")
+        if clock not in ("wall", "process"):
+            raise ValueError(f"clock must be 'wall' or 'process', got {clock!r}")
+        self.seconds = 60.0 * minutes
+        self.clock = clock
+        self.start: float | None = None
+        self.excluded_seconds = 0.0
+
+    def now(self) -> float:
+        """The current reading of the clock, in seconds."""
+        if self.clock == "wall":
+            return time.perf_counter()
+        import torch
+
+        return time.process_time() / max(torch.get_num_threads(), 1)
+
+    def elapsed(self) -> float:
+        """Training seconds so far (probe time excluded)."""
+        return 0.0 if self.start is None else self.now() - self.start - self.excluded_seconds
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        self.start = self.now()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if self.elapsed() >= self.seconds:
+            control.should_training_stop = True
+        return control
+
+
+class ProbeCallback(TrainerCallback):
+    """Every ``every_steps`` optimiser steps, score forced-choice accuracy of a few held-out conversations from their
+    own memory and from another conversation's memory: the training-time curve.
+
+    Each point is ``{"step", "minutes" (training time, probes excluded), "loss" (last logged), "own", "other",
+    "gap" (mean gold log-prob own − other)}``. The empty-memory control is not probed: a zero memory reads zero, so
+    it is the base model whatever the training.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        examples: Sequence[Mapping[str, Any]],
+        every_steps: int,
+        budget: TimeBudgetCallback,
+        settings: EvalSettings | None = None,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.task = recall_task(examples, name="probe")
+        self.every_steps = every_steps
+        self.budget = budget
+        self.settings = settings or EvalSettings(systems=PROBE_SYSTEMS, generate=False, progress=False, batch_size=32)
+        self.curve: list[dict[str, float]] = []
+        self._last_loss: float | None = None
+
+    def probe(self, step: int) -> dict[str, float]:
+        """Score the probe set now and append a point to the curve."""
+        start = self.budget.now()
+        result = evaluate_task(self.model, self.tokenizer, self.task, self.settings)
+        systems = result["systems"]
+        point = {
+            "step": step,
+            "minutes": round(self.budget.elapsed() / 60.0, 3),
+            "loss": self._last_loss,
+            "own": systems["deltamem"]["accuracy"],
+            "other": systems["deltamem_other_memory"]["accuracy"],
+            "gap": result["diagnostics"]["own_minus_other_gold_logprob"]["mean"],
+        }
+        self.curve.append(point)
+        loss = "   –  " if point["loss"] is None else f"{point['loss']:6.3f}"
+        print(
+            f"[probe] step {step:4d}  {point['minutes']:5.2f} min  loss {loss}  own memory {point['own']:.2f}  "
+            f"other memory {point['other']:.2f}  gold log-prob gap {point['gap']:+.2f}",
+            flush=True,
+        )
+        if self.budget.start is not None:  # a probe before training starts costs no training time anyway
+            self.budget.excluded_seconds += self.budget.now() - start
+        return point
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs: Any):
+        if logs and "loss" in logs:
+            self._last_loss = float(logs["loss"])
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if self.every_steps and state.global_step % self.every_steps == 0:
+            self.probe(state.global_step)
+        return control
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_adapter` returns besides the model."""
+
+    steps: int
+    train_seconds: float
+    probe_seconds: float
+    curve: list[dict[str, float]] = field(default_factory=list)
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------------- training
+
+#: The CPU recipe the demo trains with (a checkout's ``recipes/`` directory; ``--recipe`` points elsewhere).
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m" / "tsw-cpu.yaml"
+
+
+def ladder_dataset(levels: Sequence[int], n: int, *, seed: int = 0, fact_types: Sequence[str] | None = None) -> Any:
+    """``n`` training conversations (``messages`` only) spread evenly over ``levels``, shuffled; a ``datasets.Dataset``."""
+    import random
+
+    from datasets import Dataset
+
+    from .evaluation.ladder import make_ladder
+
+    rows = []
+    for i, level in enumerate(levels):
+        count = n // len(levels) + (1 if i < n % len(levels) else 0)
+        types = fact_types if level != 5 else None
+        rows += [
+            {"messages": ex["messages"]} for ex in make_ladder(level, count, seed=seed, split="train", fact_types=types)
+        ]
+    random.Random(seed).shuffle(rows)
+    return Dataset.from_list(rows)
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Any:
+    """Parse a training recipe (``deltamem train`` format) with ``--key value`` overrides; a :class:`~peft_deltamem.train.Recipe`."""
+    from .train import parse_recipe
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"training recipe {path} not found; the demo uses recipes/smollm2-135m/tsw-cpu.yaml from a checkout of "
+            "peft-deltamem (pass --recipe PATH)"
+        )
+    return parse_recipe([str(path), *overrides])
+
+
+def train_adapter(
+    model: Any,
+    tokenizer: Any,
+    train_dataset: Any,
+    recipe: Any,
+    *,
+    minutes: float,
+    probe_examples: Sequence[Mapping[str, Any]] = (),
+    probe_every: int = 20,
+    clock: str = "wall",
+) -> tuple[Any, TrainResult]:
+    """Train a δ-mem adapter on ``model`` with ``recipe`` (:func:`load_recipe`) for at most ``minutes``.
+
+    Uses :class:`~peft_deltamem.training.DeltaMemSFTTrainer` with the recipe's training arguments and adapter config,
+    :class:`TimeBudgetCallback` and, with ``probe_examples``, :class:`ProbeCallback`. Returns the trained
+    ``PeftModel`` (eval mode) and a :class:`TrainResult`.
+    """
+    from .training import DeltaMemSFTTrainer
+
+    budget = TimeBudgetCallback(minutes, clock=clock)
+    trainer = DeltaMemSFTTrainer(
+        model=model,
+        args=recipe.training,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=recipe.adapter,
+        callbacks=[budget],
+    )
+    probe = None
+    if probe_examples:
+        settings = EvalSettings(
+            systems=PROBE_SYSTEMS,
+            generate=False,
+            progress=False,
+            batch_size=32,
+            write_pass_reads=recipe.training.write_pass_reads,
+            chat_template_kwargs=dict(recipe.training.chat_template_kwargs or {}),
+        )
+        probe = ProbeCallback(trainer.model, tokenizer, probe_examples, probe_every, budget, settings)
+        trainer.add_callback(probe)
+        probe.probe(0)
+    trainer.train()
+    if probe is not None and (not probe.curve or probe.curve[-1]["step"] != trainer.state.global_step):
+        probe.probe(trainer.state.global_step)
+    peft_model = trainer.model
+    peft_model.eval()
+    result = TrainResult(
+        steps=trainer.state.global_step,
+        train_seconds=round(budget.elapsed(), 1),
+        probe_seconds=round(budget.excluded_seconds, 1),
+        curve=probe.curve if probe is not None else [],
+        log_history=list(trainer.state.log_history),
+    )
+    return peft_model, result
+
+
+# ------------------------------------------------------------------------------------------------------- the demo
+
+#: A scripted chat for the MemorySession finale: the fact comes first, small talk pushes it out of the prompt.
+SESSION_SCRIPT: tuple[dict[str, str], ...] = (
+    {"role": "user", "content": "My favourite colour is {value}."},
+    {"role": "assistant", "content": "Got it, I will remember that."},
+    {"role": "user", "content": "How often should I water a cactus?"},
+    {"role": "assistant", "content": "Only when the soil is completely dry, which is not often."},
+)
+SESSION_QUESTION = "What is my favourite colour? Answer with one word."
+
+
+def session_exchange(model: Any, tokenizer: Any, value: str = "purple") -> dict[str, Any]:
+    """A short :class:`~peft_deltamem.session.MemorySession` chat: the early turns (a fact, then small talk) are written
+    into memory, and the question is answered from a prompt that holds the question alone. The base model (adapter
+    disabled) gets the same prompt for comparison. Returns the transcript and whether the answer was right."""
+    from .evaluation.scoring import contains_match
+    from .session import MemorySession
+
+    history = [{**m, "content": m["content"].format(value=value)} for m in SESSION_SCRIPT]
+    session = MemorySession(model, tokenizer, keep_last=0)
+    session.write(history)
+    prompt = session.prompt_messages(SESSION_QUESTION)
+    answer = session.reply(SESSION_QUESTION, max_new_tokens=8, do_sample=False)
+    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with model.disable_adapter():
+        out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    base_answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    return {
+        "written_turns": history,
+        "prompt": prompt,
+        "answer": answer,
+        "base_answer_same_prompt": base_answer,
+        "expected": value,
+        "correct": bool(contains_match(answer, value)),
+    }
+
+
+def check_targets(systems: Mapping[str, Mapping[str, Any]]) -> dict[str, bool]:
+    """The demo's targets (issue 6): memory-only accuracy ≥ 80 % of full history and ≥ 5× no history, and both
+    controls inside the no-history 95 % interval."""
+    acc = {name: s["accuracy"] for name, s in systems.items()}
+    lo, hi = systems["no_history"]["accuracy_ci"]
+    return {
+        "deltamem >= 0.8 x full_history": acc["deltamem"] >= 0.8 * acc["full_history"],
+        "deltamem >= 5 x no_history": acc["deltamem"] >= 5 * acc["no_history"],
+        "empty memory inside no_history CI": lo <= acc["deltamem_empty_memory"] <= hi,
+        "other memory inside no_history CI": lo <= acc["deltamem_other_memory"] <= hi,
+    }
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="deltamem demo",
+        description="Train a δ-mem adapter on SmolLM2-135M-Instruct on CPU and evaluate it (memory-only protocol).",
+    )
+    parser.add_argument("--train-minutes", type=float, default=15.0, help="training time budget (default 15)")
+    parser.add_argument("--output", default="demo-output", help="directory for the adapter, results and plots")
+    parser.add_argument("--level", type=int, default=1, choices=range(1, 6), help="ladder level to train on")
+    parser.add_argument(
+        "--eval-levels",
+        default=None,
+        help="comma-separated levels to evaluate (default: the trained level and the next)",
+    )
+    parser.add_argument("--fact-types", default=None, help="comma-separated fact types (default: all of the level)")
+    parser.add_argument("--n-train", type=int, default=8000, help="training conversations generated (default 8000)")
+    parser.add_argument("--n-eval", type=int, default=100, help="test conversations per level (default 100)")
+    parser.add_argument("--n-probe", type=int, default=30, help="held-out conversations of the training-time curve")
+    parser.add_argument("--probe-every", type=int, default=25, help="steps between probes (0: no curve)")
+    parser.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="training recipe (deltamem train format)")
+    parser.add_argument("--base", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="base model name or directory")
+    parser.add_argument(
+        "--clock", choices=("wall", "process"), default="wall", help="what the time budget counts (see docs)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars during evaluation")
+    args, overrides = parser.parse_known_args(argv)
+    args.recipe_overrides = overrides  # anything else goes to the recipe, e.g. --learning_rate 1e-3 --deltamem.r 16
+    return args
+
+
+def _print(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def evaluate_levels(
+    model: Any,
+    tokenizer: Any,
+    levels: Sequence[int],
+    n: int,
+    *,
+    fact_types: Sequence[str] | None,
+    settings: EvalSettings,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """The memory-only protocol on the test split of every level in ``levels``: ``{"L1": result, ...}``."""
+    from .evaluation.pipeline import evaluate_recall
+
+    results = {}
+    for level in levels:
+        _print(f"\n== evaluating level {level} ({n} test conversations, 6 systems) ==")
+        types = fact_types if level != 5 else None
+        results[f"L{level}"] = evaluate_recall(
+            model, tokenizer, level, n, seed=seed, split="test", fact_types=types, settings=settings
+        )
+    return results
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything ``deltamem demo`` does (see the module docstring); returns what it writes to ``results.json``."""
+    import json
+
+    import torch
+
+    from .evaluation.ladder import make_ladder
+    from .evaluation.report import levels_table, markdown_table, plot_results, plot_training_curve, write_json
+    from .models import load_base_model
+
+    started = time.perf_counter()
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    fact_types = tuple(args.fact_types.split(",")) if args.fact_types else None
+    eval_levels = (
+        [int(x) for x in args.eval_levels.split(",")]
+        if args.eval_levels
+        else sorted({args.level, min(args.level + 1, 5)})
+    )
+    torch.manual_seed(args.seed)
+
+    _print(f"== 1/5 base model: {args.base} ==")
+    model, tokenizer = load_base_model(args.base)
+    recipe = load_recipe(
+        args.recipe,
+        ["--output_dir", str(output / "adapter"), "--seed", str(args.seed), *args.recipe_overrides],
+    )
+    _print(
+        f"== 2/5 training a δ-mem adapter on ladder level {args.level} for at most {args.train_minutes:g} min "
+        f"({args.clock} clock), recipe {args.recipe} =="
+    )
+    dataset = ladder_dataset([args.level], args.n_train, seed=args.seed, fact_types=fact_types)
+    probe_types = fact_types if args.level != 5 else None
+    probe = make_ladder(args.level, args.n_probe, seed=10_000 + args.seed, split="train", fact_types=probe_types)
+    model, trained = train_adapter(
+        model,
+        tokenizer,
+        dataset,
+        recipe,
+        minutes=args.train_minutes,
+        probe_examples=probe if args.probe_every else (),
+        probe_every=args.probe_every,
+        clock=args.clock,
+    )
+    _print(
+        f"trained {trained.steps} steps in {trained.train_seconds / 60:.1f} min (+{trained.probe_seconds:.0f} s probes)"
+    )
+    model.save_pretrained(output / "adapter")
+    training_info = {
+        "write_pass_reads": recipe.training.write_pass_reads,
+        "recent_messages": recipe.training.recent_messages,
+        "level": args.level,
+        "fact_types": list(fact_types or []),
+        "steps": trained.steps,
+        "train_seconds": trained.train_seconds,
+        "clock": args.clock,
+        "recipe": str(args.recipe),
+        "recipe_overrides": list(args.recipe_overrides),
+    }
+    (output / "adapter" / "deltamem_training.json").write_text(json.dumps(training_info, indent=2) + "\n")
+
+    _print("== 3/5 evaluation: memory-only protocol (DESIGN.md §7) ==")
+    settings = EvalSettings(
+        write_pass_reads=recipe.training.write_pass_reads,
+        chat_template_kwargs=dict(recipe.training.chat_template_kwargs or {}),
+        progress=not args.no_progress,
+        seed=args.seed,
+    )
+    levels = evaluate_levels(
+        model, tokenizer, eval_levels, args.n_eval, fact_types=fact_types, settings=settings, seed=args.seed
+    )
+    demo_result = levels[f"L{args.level}"]
+    targets = check_targets(demo_result["systems"])
+
+    _print("== 4/5 results ==")
+    table = markdown_table(demo_result)
+    overview = levels_table(levels)
+    _print(f"\nLevel {args.level} (accuracy = {demo_result['metric'].replace('_', ' ')}, %, 95 % bootstrap CI):\n")
+    _print(table)
+    if len(levels) > 1:
+        _print("\nAll evaluated levels:\n")
+        _print(overview)
+    _print("\nTargets: " + "; ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in targets.items()))
+    plot_results(levels, output / "results.png", title="δ-mem on SmolLM2-135M-Instruct, memory-only recall")
+    if trained.curve:
+        plot_training_curve(
+            trained.curve, output / "training_curve.png", title=f"Level {args.level}: training-time curve"
+        )
+
+    _print("\n== 5/5 MemorySession: a fact from an early turn, recalled with the history out of the prompt ==")
+    session = session_exchange(model, tokenizer)
+    for message in session["written_turns"]:
+        _print(f"  [written to memory] {message['role']}: {message['content']}")
+    _print(f"  [prompt] user: {SESSION_QUESTION}")
+    _print(f"  δ-mem answer (memory only): {session['answer']!r}  -> {'correct' if session['correct'] else 'WRONG'}")
+    _print(f"  base model, same prompt:    {session['base_answer_same_prompt']!r}")
+
+    results: dict[str, Any] = {name: demo_result["systems"][name] for name in demo_result["systems"]}
+    results.update(
+        {
+            "level": args.level,
+            "metric": demo_result["metric"],
+            "targets": targets,
+            "diagnostics": demo_result["diagnostics"],
+            "levels": {label: {k: v for k, v in r.items() if k != "records"} for label, r in levels.items()},
+            "training": {**training_info, "curve": trained.curve, "log_history": trained.log_history},
+            "session": session,
+            "total_seconds": round(time.perf_counter() - started, 1),
+        }
+    )
+    write_json(results, output / "results.json")
+    write_json({label: r["records"] for label, r in levels.items()}, output / "records.json")
+    (output / "results.md").write_text(
+        f"# deltamem demo\n\nLevel {args.level}, {trained.steps} training steps ({trained.train_seconds / 60:.1f} min)."
+        f"\n\n{table}\n\n## All evaluated levels\n\n{overview}\n",
+        encoding="utf-8",
+    )
+    _print(
+        f"\nWrote {output}/results.json, results.md, results.png, training_curve.png and the adapter ({output}/adapter)."
+    )
+    _print(f"Total time {results['total_seconds'] / 60:.1f} min.")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``deltamem demo``; returns the exit status."""
+    import sys
+
+    args = _parse_args(list(sys.argv[1:] if argv is None else argv))
+    run_demo(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

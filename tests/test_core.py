@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
-from tiny_models import ARCHITECTURES, random_ids, tiny_model
+from tiny_models import ARCHITECTURES, qwen3_4b_on_meta, random_ids, tiny_model
 
 from peft_deltamem import DeltaMemAttention, DeltaMemConfig, MemoryState
 from peft_deltamem.config import DELTA_HEAD_INITS
@@ -222,20 +222,7 @@ def test_bf16_model_with_bf16_adapter_keeps_a_float32_memory() -> None:
 
 
 def test_qwen3_4b_geometry_has_the_published_parameter_count() -> None:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    config = Qwen3Config(
-        vocab_size=151936,
-        hidden_size=2560,
-        intermediate_size=9728,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        tie_word_embeddings=True,
-    )
-    with torch.device("meta"):
-        base = Qwen3ForCausalLM(config)
+    base = qwen3_4b_on_meta()
     model = get_peft_model(base, DeltaMemConfig(task_type="CAUSAL_LM", r=8, delta_heads=["q", "o"]))
     trainable, total = model.get_nb_trainable_parameters()
     assert trainable == 4_866_336

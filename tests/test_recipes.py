@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from peft import get_peft_model
+from tiny_models import qwen3_4b_on_meta
 
 from peft_deltamem import DeltaMemConfig
 from peft_deltamem.cli import main as cli_main
@@ -51,25 +51,8 @@ def test_published_recipes_have_the_published_settings(path: Path) -> None:
     assert recipe.model.dtype == "bfloat16" and recipe.model.model_name_or_path
 
 
-def _qwen3_4b_on_meta():
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    config = Qwen3Config(
-        vocab_size=151936,
-        hidden_size=2560,
-        intermediate_size=9728,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        tie_word_embeddings=True,
-    )
-    with torch.device("meta"):
-        return Qwen3ForCausalLM(config)
-
-
 def _trainable(adapter: DeltaMemConfig) -> int:
-    model = get_peft_model(_qwen3_4b_on_meta(), adapter)
+    model = get_peft_model(qwen3_4b_on_meta(), adapter)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

@@ -40,3 +40,19 @@ def random_ids(batch: int, length: int, *, seed: int = 1) -> torch.Tensor:
     """Token ids that avoid the special ids 0-2."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+def qwen3_4b_on_meta():
+    """Qwen3-4B's geometry on the meta device (no weights): 36 layers, hidden 2560, 32 heads × 128, 8 KV heads."""
+    config = tf.Qwen3Config(
+        vocab_size=151936,
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    )
+    with torch.device("meta"):
+        return tf.Qwen3ForCausalLM(config)

@@ -20,6 +20,7 @@ from peft_deltamem.evaluation.pipeline import (
     evaluate_locomo,
     evaluate_recall,
     evaluate_task,
+    other_memory_pairing,
     recall_task,
     score_continuations,
     write_memories,
@@ -82,6 +83,7 @@ def test_recall_result_has_every_system_and_a_valid_schema(l1_result) -> None:
         assert all(len(r["choice_logprobs"]) == 10 for r in l1_result["records"][name])
     assert l1_result["diagnostics"]["chance"] == pytest.approx(0.1)
     assert "own_minus_other_gold_logprob" in l1_result["diagnostics"]
+    assert 0.0 <= l1_result["diagnostics"]["other_memory_answers_source_value"]["mean"] <= 1.0
     json.loads(json.dumps(l1_result))  # plain JSON, no tensors or numpy scalars
 
 
@@ -93,7 +95,15 @@ def test_prompts_of_each_system(l1_result) -> None:
     for system in ("deltamem", "deltamem_empty_memory", "deltamem_other_memory"):
         assert [r["prompt_tokens"] for r in records[system]] == [r["prompt_tokens"] for r in records["no_history"]]
     ids = [r["id"] for r in records["deltamem"]]
-    assert [r["memory_of"] for r in records["deltamem_other_memory"]] == ids[1:] + ids[:1]
+    pairing = other_memory_pairing(len(ids), seed=0)
+    assert [r["memory_of"] for r in records["deltamem_other_memory"]] == [ids[j] for j in pairing]
+
+
+@pytest.mark.parametrize("n", [2, 3, 10, 101])
+def test_other_memory_pairing_never_reads_the_own_memory(n) -> None:
+    pairing = other_memory_pairing(n, seed=3)
+    assert sorted(pairing) == list(range(n)) and all(pairing[c] != c for c in range(n))
+    assert pairing == other_memory_pairing(n, seed=3) and (n < 10 or pairing != other_memory_pairing(n, seed=4))
 
 
 def test_empty_memory_control_is_the_base_model_and_memory_matters(l1_result) -> None:
@@ -109,12 +119,13 @@ def test_empty_memory_control_is_the_base_model_and_memory_matters(l1_result) ->
     assert (own - _choice_logprobs(l1_result, "deltamem_other_memory")).abs().max() > 1e-2
 
 
-def test_other_memory_control_reads_the_next_conversations_memory(model, tokenizer) -> None:
+def test_other_memory_control_reads_the_paired_conversations_memory(model, tokenizer) -> None:
     examples = make_ladder(1, 4, seed=5, split="test", fact_types=("colour",))
     task = recall_task(examples)
     rotated = copy.deepcopy(task)
+    pairing = other_memory_pairing(4, seed=0)
     for i, conv in enumerate(rotated.conversations):
-        conv.sessions = copy.deepcopy(task.conversations[(i + 1) % 4].sessions)
+        conv.sessions = copy.deepcopy(task.conversations[pairing[i]].sessions)
     settings = EvalSettings(systems=("deltamem", "deltamem_other_memory"), generate=False, **FAST)
     result = evaluate_task(model, tokenizer, task, settings)
     expected = evaluate_task(model, tokenizer, rotated, settings)

@@ -12,9 +12,9 @@ system                      what the model sees
 ``deltamem``                adapter: the history is written into a fresh memory (one call per session), then the
                             question is asked with **no history in the prompt**, reading that memory only.
 ``deltamem_empty_memory``   adapter, question only, all-zero memory. Control: the adapter without memory.
-``deltamem_other_memory``   adapter, question only, the memory of another conversation (conversation ``c`` reads
-                            the memory of ``(c + other_shift) mod C``). Control: a gain that this also shows is not
-                            memory.
+``deltamem_other_memory``   adapter, question only, the memory of another conversation, paired by a seeded random
+                            cyclic permutation (no conversation reads its own memory; the pairing does not depend on
+                            the answers). Control: a gain that this also shows is not memory.
 ==========================  ====================================================================================
 
 The write pass is the training write pass (DESIGN.md §5, :func:`~peft_deltamem.training.episodes.encode_write_history`):
@@ -169,7 +169,7 @@ class EvalSettings:
         write_pass_reads: the write pass reads the memory while writing (False for adapters trained with a
             write-only write pass: evaluation must write the way training did).
         max_write_length: a session longer than this many tokens keeps its last tokens (as in training).
-        other_shift: conversation ``c`` gets the memory of ``(c + other_shift) mod C`` in ``deltamem_other_memory``.
+        other_seed: seed of the pairing of ``deltamem_other_memory`` (:func:`other_memory_pairing`).
         n_resamples, seed: bootstrap settings.
         chat_template_kwargs: extra chat-template arguments (e.g. ``{"enable_thinking": False}``).
         progress: show tqdm progress bars.
@@ -184,7 +184,7 @@ class EvalSettings:
     forced_choice: bool = True
     write_pass_reads: bool = True
     max_write_length: int = 8192
-    other_shift: int = 1
+    other_seed: int = 0
     n_resamples: int = 1000
     seed: int = 0
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -561,6 +561,7 @@ def run_system(
         raise ValueError("deltamem_other_memory needs at least two conversations")
     budget = _context_budget(model, settings)
     pad = _pad_id(tokenizer)
+    pairing = other_memory_pairing(n_conv, settings.other_seed)
     template_cache: dict[tuple, list[int]] = {}
     records: list[dict[str, Any]] = []
     context = _base_context(model) if system_name in BASE_SYSTEMS else contextlib.nullcontext()
@@ -569,7 +570,7 @@ def run_system(
             questions = [task.questions[i] for i in batch]
             built = [_prompt_messages(system_name, task, q, settings, tokenizer, budget) for q in questions]
             prompts = [b[1] for b in built]
-            memory = _memory_rows(system_name, questions, memories, settings.other_shift, n_conv)
+            memory = _memory_rows(system_name, questions, memories, pairing)
             answers = (
                 greedy_generate(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens, memory=memory)
                 if settings.generate
@@ -592,7 +593,7 @@ def run_system(
                     "history_turns_in_prompt": built[k][2],
                 }
                 if system_name == "deltamem_other_memory":
-                    record["memory_of"] = task.conversations[(q.conversation + settings.other_shift) % n_conv].id
+                    record["memory_of"] = task.conversations[pairing[q.conversation]].id
                 if answers[k] is not None:
                     record["prediction"] = answers[k]
                     record.update(_score_answer(task, q, answers[k]))
@@ -602,13 +603,31 @@ def run_system(
     return records
 
 
+def other_memory_pairing(n: int, seed: int = 0) -> list[int]:
+    """``pairing[c]``: whose memory conversation ``c`` reads in ``deltamem_other_memory``.
+
+    A uniformly random cyclic permutation (Sattolo's algorithm), so no conversation gets its own memory, and,
+    unlike a fixed shift, the pairing is independent of how the benchmark orders its answers (the ladder balances
+    answers in blocks, so neighbours never share one: a shift by one would make a perfect memory score 0 on this
+    control instead of chance).
+    """
+    import random
+
+    order = list(range(n))
+    rng = random.Random(f"other-memory/{seed}")
+    for i in range(n - 1, 0, -1):
+        j = rng.randrange(i)  # j < i: every element moves, the result is one cycle
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
 def _memory_rows(
-    system_name: str, questions: Sequence[Question], memories: MemoryState | None, shift: int, n_conv: int
+    system_name: str, questions: Sequence[Question], memories: MemoryState | None, pairing: Sequence[int]
 ) -> MemoryState | None:
     if system_name in BASE_SYSTEMS:
         return None
     if system_name == "deltamem_other_memory":
-        rows = [(q.conversation + shift) % n_conv for q in questions]
+        rows = [pairing[q.conversation] for q in questions]
     else:
         rows = [q.conversation for q in questions]
     selected = memories[torch.tensor(rows, dtype=torch.long)]
@@ -682,10 +701,31 @@ def _diagnostics(per_system: Mapping[str, list[dict]], task: MemoryTask, setting
             # > 0: the reference answer is likelier under the conversation's own memory than under another one's,
             # i.e. the adapter reads content from memory (not just the answer format).
             out["own_minus_other_gold_logprob"] = {"mean": mean, "ci": ci, "n": len(gaps)}
+    follows = _follows_source(other or [], task)
+    if follows:
+        mean, ci = _interval(follows, settings)
+        # How often the other-memory control answers with the value stored in the memory it read (when that
+        # conversation has a question with the same answer set and another answer): high = content read from memory.
+        out["other_memory_answers_source_value"] = {"mean": mean, "ci": ci, "n": len(follows)}
     closed = [q for q in task.questions if q.choices]
     if closed:
         out["chance"] = float(np.mean([1.0 / len(q.choices) for q in closed]))
     return out
+
+
+def _follows_source(records: Sequence[Mapping[str, Any]], task: MemoryTask) -> list[float]:
+    by_conversation: dict[str, list[Question]] = {}
+    for q in task.questions:
+        by_conversation.setdefault(task.conversations[q.conversation].id, []).append(q)
+    hits = []
+    for record in records:
+        if record.get("choice") is None or record.get("memory_of") is None:
+            continue
+        own = next(q for q in task.questions if q.id == record["id"])
+        source = next((q for q in by_conversation.get(record["memory_of"], []) if q.choices == own.choices), None)
+        if source is not None and source.answer != own.answer:
+            hits.append(float(record["choice"] == source.answer))
+    return hits
 
 
 def evaluate_task(
@@ -801,6 +841,7 @@ __all__ = [
     "evaluate_task",
     "greedy_generate",
     "locomo_task",
+    "other_memory_pairing",
     "primary_metric",
     "recall_task",
     "render_prompt",

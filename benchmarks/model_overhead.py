@@ -102,11 +102,11 @@ def load_base(smoke: bool, model: str = MODEL) -> torch.nn.Module:
 
 
 def wrap(base: torch.nn.Module, system: str) -> torch.nn.Module:
-    """``base`` itself, or ``base`` wrapped (in place) with the LoRA or δ-mem adapter of this benchmark."""
+    """``base`` itself (frozen), or ``base`` wrapped (in place) with the LoRA or δ-mem adapter of this benchmark."""
     from peft import LoraConfig, get_peft_model
 
     if system == "base":
-        return base
+        return base.requires_grad_(False)  # frozen, like the backbone under an adapter
     if system == "lora":
         config = LoraConfig(
             task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=["q_proj", "o_proj"], lora_dropout=0.0
@@ -413,7 +413,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     timings: dict[str, Any] = {}
     for name, model in models.items():
         results[name]["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    results["base"]["trainable_params"] = 0  # frozen: the backward is taken w.r.t. the input embeddings
 
     def record(key: str, measured: dict[str, dict[str, Any]], scale: float = 1.0) -> None:
         timings[key] = measured

@@ -7,6 +7,14 @@ Conventions every script follows:
 - Times are medians over ``repeats`` timed calls after ``warmup`` untimed ones (CUDA is synchronised around each
   call); the JSON records the repeats actually used and the machine (:func:`machine_info`).
 - JSON is written atomically (:func:`write_json`), so a crashed or interrupted run never leaves half a file.
+- Where several systems are compared, they are timed in turn, round by round (:func:`interleaved`), so background
+  load on a shared machine falls on all of them alike; the JSON records the load average (:func:`load_average`).
+- Peak memory is measured in the running process (:func:`peak_mb`) or, for a clean baseline, in a fresh
+  subprocess that runs the script with ``--probe ...`` (:func:`measure_peak`, :func:`probe_in_subprocess`,
+  :func:`print_probe`).
+
+A script's ``main`` reads: :func:`benchmark_parser` + its own flags, :func:`parse_args`, :func:`start_report`, the
+measurements, :func:`print_report`, :func:`save_result`.
 
 Scripts import this module as ``import _timing`` (the script's own folder is on ``sys.path`` when it runs).
 """
@@ -19,6 +27,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -61,15 +70,36 @@ def time_fn(
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
+    return summarize(times, warmup=warmup)
+
+
+def summarize(values: Sequence[float], warmup: int = 0) -> dict[str, Any]:
+    """:func:`time_fn`'s result format for a list of timings (``warmup``: how many untimed calls came first)."""
     return {
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "max_s": max(times),
-        "mean_s": statistics.fmean(times),
+        "median_s": statistics.median(values),
+        "min_s": min(values),
+        "max_s": max(values),
+        "mean_s": statistics.fmean(values),
         "warmup": warmup,
-        "repeats": repeats,
-        "times_s": times,
+        "repeats": len(values),
+        "times_s": list(values),
     }
+
+
+def interleaved(calls: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1) -> dict[str, dict[str, Any]]:
+    """Time every call once per round, in turn (``warmup`` untimed rounds first); per call: median etc. over rounds.
+
+    Interleaving makes background load on a shared machine fall on all calls alike, so their ratios are fair.
+    """
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_index in range(warmup + rounds):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            if round_index >= warmup:
+                times[name].append(elapsed)
+    return {name: summarize(values, warmup=warmup) for name, values in times.items()}
 
 
 def _rss_bytes() -> int | None:
@@ -123,6 +153,81 @@ def peak_memory(fn: Callable[[], Any], *, device: torch.device | str | None = No
     return {"peak_bytes": peak[0] - base, "method": "rss_sampled"}
 
 
+def peak_mb(fn: Callable[[], Any], *, process_rss: bool = False) -> dict[str, Any]:
+    """:func:`peak_memory` of one call of ``fn`` on the CPU, in MiB: ``{"peak_mb", "method", "process_peak_rss_mb"}``.
+
+    ``process_peak_rss_mb`` is this process's peak RSS afterwards (:func:`max_rss_mb`) with ``process_rss``, else None
+    (in a process that has run other measurements before, it says nothing about this call).
+    """
+    peak = peak_memory(fn)
+    return {
+        "peak_mb": peak["peak_bytes"] / 2**20,
+        "method": peak["method"],
+        "process_peak_rss_mb": max_rss_mb() if process_rss else None,
+    }
+
+
+def max_rss_mb() -> float:
+    """This process's peak resident set size so far, in MiB.
+
+    Linux: ``VmHWM`` from /proc/self/status, the high-water mark of this program's own address space.
+    (``ru_maxrss`` is no use in a subprocess: it keeps the parent's high-water mark across fork + exec.)
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# For the memory probes: glibc malloc serves every allocation above 128 KiB from its own mapping and returns freed
+# memory at once (fixed thresholds; by default they rise with use and freed memory stays in the heap), so the
+# resident set follows the memory actually in use instead of what the allocator keeps cached.
+PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+PROBE_PREFIX = "PROBE "
+
+
+def print_probe(result: dict[str, Any]) -> None:
+    """The subprocess side of a memory probe: print its result as the one ``PROBE {json}`` line the parent reads."""
+    print(PROBE_PREFIX + json.dumps(result), flush=True)
+
+
+def probe_in_subprocess(script: Path, argv: Sequence[str]) -> dict[str, Any]:
+    """Run ``script --probe ...`` in a fresh interpreter (with :data:`PROBE_ENV`); it prints one ``PROBE {json}``."""
+    env = {**os.environ, **PROBE_ENV}
+    result = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, check=False, env=env)
+    for line in result.stdout.splitlines():
+        if line.startswith(PROBE_PREFIX):
+            return json.loads(line[len(PROBE_PREFIX) :])
+    raise RuntimeError(f"memory probe {argv} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
+
+
+def add_probe_args(parser: argparse.ArgumentParser, probe_metavar: tuple[str, str]) -> argparse.ArgumentParser:
+    """Add the flags of the memory probes: ``--in-process-memory`` and the hidden ``--probe`` that
+    :func:`measure_peak` passes to the subprocess (``probe_metavar``: what its two values name)."""
+    parser.add_argument("--in-process-memory", action="store_true", help="measure peak memory in this process")
+    parser.add_argument("--probe", nargs=2, metavar=probe_metavar, help=argparse.SUPPRESS)
+    return parser
+
+
+def measure_peak(
+    call: Callable[[], Any], script: Path, probe_argv: Sequence[str], *, in_process: bool, threads: int | None
+) -> dict[str, Any]:
+    """Peak memory of one call, as :func:`peak_mb` returns it: measured here, or by a probe subprocess.
+
+    ``in_process``: :func:`peak_mb` of ``call`` in this process (no process peak RSS). Otherwise ``call`` is not run:
+    ``script`` runs with ``probe_argv`` (plus ``--threads`` where given) in a fresh interpreter
+    (:func:`probe_in_subprocess`), which measures the same call itself and reports it with :func:`print_probe`.
+    """
+    if in_process:
+        return peak_mb(call)
+    argv = [*probe_argv, *(["--threads", str(threads)] if threads else [])]
+    return probe_in_subprocess(script, argv)
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically (temp file in the same folder, then ``os.replace``)."""
     path = Path(path)
@@ -165,6 +270,26 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | dict[st
     print(markdown_table(rows, columns), flush=True)
 
 
+def benchmark_parser(description: str | None, name: str) -> argparse.ArgumentParser:
+    """The argument parser of a benchmark script: ``description`` (its docstring) and the common flags
+    (:func:`add_common_args`), ``--out`` defaulting to ``results/<name>.json``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return add_common_args(parser, RESULTS_DIR / f"{name}.json")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` (None: the command line) and apply ``--threads`` (``torch.set_num_threads``)."""
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def sizes_from_args(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
+    """``defaults`` with every size that was given on the command line (``args.<name>`` not None or 0) in its place."""
+    return {name: getattr(args, name) or value for name, value in defaults.items()}
+
+
 def add_common_args(parser: argparse.ArgumentParser, default_out: str | os.PathLike[str]) -> argparse.ArgumentParser:
     """Add the flags every benchmark script takes: ``--smoke`` (tiny sizes), ``--out`` (JSON path), ``--threads``."""
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and 1 repeat: checks the script runs")
@@ -173,6 +298,14 @@ def add_common_args(parser: argparse.ArgumentParser, default_out: str | os.PathL
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     return parser
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages, where the OS reports them."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def machine_info(device: torch.device | str | None = None) -> dict[str, Any]:
@@ -215,3 +348,33 @@ def describe_machine(info: dict[str, Any]) -> str:
     if "load_avg_1m" in info:
         parts.append(f"load avg {info['load_avg_1m']:.2f}")
     return "; ".join(parts)
+
+
+def start_report(title: str, smoke: bool, device: torch.device | str | None = None) -> dict[str, Any]:
+    """Print the report's first line, ``# <title>[ (smoke)]: <machine>``; returns :func:`machine_info`."""
+    machine = machine_info(device)
+    print(f"# {title}{' (smoke)' if smoke else ''}: {describe_machine(machine)}", flush=True)
+    return machine
+
+
+def print_report(
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str] | dict[str, str],
+    notes: Sequence[str],
+    extra: Sequence[str] = (),
+) -> None:
+    """Print the results: a blank line, the table of ``rows``, a blank line, the ``extra`` lines, a list of notes."""
+    print()
+    print_table(rows, columns)
+    print()
+    for line in extra:
+        print(line)
+    for note in notes:
+        print(f"- {note}")
+
+
+def save_result(out: str | os.PathLike[str], result: dict[str, Any], *also: str | os.PathLike[str]) -> dict[str, Any]:
+    """Write ``result`` to ``out`` (:func:`write_json`) and say so, naming the files in ``also`` too; returns it."""
+    path = write_json(out, result)
+    print("\nwrote " + " and ".join(str(p) for p in (path, *also)), flush=True)
+    return result

@@ -19,17 +19,17 @@ Reported per (system, H): the time to take in the history (δ-mem: all segment w
 time to answer once the history is taken in, their sum, the size of what carries the history (memory state or KV
 cache), and the peak memory: resident-set growth over the loaded model during the whole run (take in + answer),
 each (system, H) in a fresh subprocess after a short warm-up run that pages in the weights, with glibc malloc set to
-hand freed memory back at once (``model_overhead.PROBE_ENV``: otherwise the heap keeps what repeated segment calls
-freed, and the resident set drifts with the number of calls, not with what is in use); ``--in-process-memory`` and
-``--smoke`` measure in this process. That subprocess's peak RSS (weights included) is reported too. Times are medians over ``--rounds`` rounds that interleave all (system, H) runs, after one
-untimed warm-up run of each system at the smallest H. A PNG plot goes to ``--plot``.
+hand freed memory back at once (``_timing.PROBE_ENV``: otherwise the heap keeps what repeated segment calls freed,
+and the resident set drifts with the number of calls, not with what is in use); ``--in-process-memory`` and
+``--smoke`` measure in this process. That subprocess's peak RSS (weights included) is reported too. Times are
+medians over ``--rounds`` rounds that interleave all (system, H) runs, after one untimed warm-up run of each system
+at the smallest H. A PNG plot goes to ``--plot``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -44,17 +44,7 @@ for _path in (_HERE, _HERE.parent):  # run from a checkout without installing: `
         sys.path.insert(0, str(_path))
 
 import _timing  # noqa: E402
-from model_overhead import (  # noqa: E402
-    MODEL,
-    interleaved,
-    load_average,
-    load_base,
-    max_rss_mb,
-    probe_in_subprocess,
-    random_ids,
-    summarize,
-    wrap,
-)
+from model_overhead import add_model_arg, load_base, random_ids, wrap  # noqa: E402
 
 from peft_deltamem import MemoryState  # noqa: E402
 
@@ -140,8 +130,7 @@ def run_probe(args: argparse.Namespace, sizes: dict[str, Any]) -> dict[str, Any]
     small = {**sizes, "segment": 16}
     make_run(system, 16, model, small)()
     gc.collect()
-    peak = _timing.peak_memory(make_run(system, history_tokens, model, sizes))
-    return {"peak_mb": peak["peak_bytes"] / 2**20, "method": peak["method"], "process_peak_rss_mb": max_rss_mb()}
+    return _timing.peak_mb(make_run(system, history_tokens, model, sizes), process_rss=True)
 
 
 def load_model(args: argparse.Namespace, system: str) -> torch.nn.Module:
@@ -220,32 +209,26 @@ COLUMNS = {
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the markdown table, write the JSON and the plot; returns the JSON object."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _timing.add_common_args(parser, _timing.RESULTS_DIR / "history_scaling.json")
-    parser.add_argument("--model", default=MODEL, help="base model name or local directory (default: %(default)s)")
+    parser = _timing.benchmark_parser(__doc__, "history_scaling")
+    add_model_arg(parser)
     parser.add_argument("--histories", type=int, nargs="+", default=None, help="history lengths (default 2k 8k 32k)")
     parser.add_argument("--segment", type=int, default=None, help="tokens per δ-mem write call (default 2048)")
     parser.add_argument("--question", type=int, default=None, help="question tokens (default 32)")
     parser.add_argument("--answer", type=int, default=None, help="answer tokens generated (default 16)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 2; smoke 1)")
     parser.add_argument("--plot", default=None, help=f"PNG path (default {DEFAULT_PLOT}; smoke: next to --out)")
-    parser.add_argument("--in-process-memory", action="store_true", help="measure peak memory in this process")
-    parser.add_argument("--probe", nargs=2, metavar=("SYSTEM", "H"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    defaults = SMOKE if args.smoke else FULL
-    sizes = {name: getattr(args, name) or value for name, value in defaults.items()}
+    _timing.add_probe_args(parser, ("SYSTEM", "H"))
+    args = _timing.parse_args(parser, argv)
+    sizes = _timing.sizes_from_args(args, SMOKE if args.smoke else FULL)
     sizes["histories"] = tuple(sizes["histories"])
     if args.probe:
-        print("PROBE " + json.dumps(run_probe(args, sizes)), flush=True)
+        _timing.print_probe(run_probe(args, sizes))
         return {}
     rounds = args.rounds or (1 if args.smoke else 2)
     plot_path = Path(args.plot) if args.plot else (Path(args.out).with_suffix(".png") if args.smoke else DEFAULT_PLOT)
 
-    machine = _timing.machine_info()
-    load_start = load_average()
-    print(f"# history_scaling{' (smoke)' if args.smoke else ''}: {_timing.describe_machine(machine)}", flush=True)
+    machine = _timing.start_report("history_scaling", args.smoke)
+    load_start = _timing.load_average()
     started = time.perf_counter()
     models = {system: load_model(args, system) for system in SYSTEMS}
     window = models["in_context"].config.max_position_embeddings
@@ -262,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             parts[key].append(run())
 
         calls[key] = call
-    interleaved(calls, rounds, warmup=0)
+    _timing.interleaved(calls, rounds, warmup=0)
 
     in_process = args.smoke or args.in_process_memory
     memory_method = "in-process" if in_process else "subprocess per (system, H)"
@@ -278,17 +261,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if run.possible:
             timed = parts[(system, h)]
             for part in ("take_in_s", "answer_s"):
-                row[part] = summarize([t[part] for t in timed])["median_s"]
+                row[part] = _timing.summarize([t[part] for t in timed])["median_s"]
                 row[f"{part}_all"] = [t[part] for t in timed]
             row["total_s"] = row["take_in_s"] + row["answer_s"]
             row["carrier_mb"] = run.carrier_mb()
-            if in_process:
-                peak = _timing.peak_memory(run)
-                probe = {"peak_mb": peak["peak_bytes"] / 2**20, "method": peak["method"], "process_peak_rss_mb": None}
-            else:
-                argv = ["--probe", system, str(h), "--model", args.model]
-                argv += ["--threads", str(args.threads)] if args.threads else []
-                probe = probe_in_subprocess(Path(__file__), argv)
+            probe = _timing.measure_peak(
+                run,
+                Path(__file__),
+                ["--probe", system, str(h), "--model", args.model],
+                in_process=in_process,
+                threads=args.threads,
+            )
             row["peak_mb"], row["process_peak_rss_mb"] = probe["peak_mb"], probe["process_peak_rss_mb"]
             row["memory_method"] = f"{probe['method']}, {memory_method}"
             print(f"{system} H={h}: {row['total_s']:.3g} s, peak {row['peak_mb']:.0f} MB", flush=True)
@@ -308,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "target": "δ-mem peak memory after the longest history within 5 % of that after the shortest",
         "met": None if growth is None else abs(growth) <= 0.05,
     }
-    load_end = load_average()
+    load_end = _timing.load_average()
     notes = [
         f"History in {sizes['segment']}-token segments for δ-mem (one call each, positions from 0, no KV kept);"
         f" question {sizes['question']} tokens, answer {sizes['answer']} generated tokens (greedy, min = max).",
@@ -320,13 +303,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         + ("." if in_process else ", after a short warm-up run; glibc malloc set to return freed memory (PROBE_ENV)."),
         f"Load average (1, 5, 15 min) at start {load_start}, at end {load_end}.",
     ]
-    print()
-    _timing.print_table(rows, COLUMNS)
-    print()
+    extra = []
     if growth is not None:
-        print(f"δ-mem peak after {longest} vs {smallest} history tokens: {growth:+.1%} (target within ±5 %)")
-    for note in notes:
-        print(f"- {note}")
+        extra.append(f"δ-mem peak after {longest} vs {smallest} history tokens: {growth:+.1%} (target within ±5 %)")
+    _timing.print_report(rows, COLUMNS, notes, extra)
     title = f"{'tiny random Llama (smoke)' if args.smoke else args.model}; {_timing.describe_machine(machine)}"
     result = {
         "benchmark": "history_scaling",
@@ -342,9 +322,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "plot": str(plot(rows, plot_path, window, sizes["segment"], title)),
     }
-    out = _timing.write_json(args.out, result)
-    print(f"\nwrote {out} and {plot_path}", flush=True)
-    return result
+    return _timing.save_result(args.out, result, plot_path)
 
 
 if __name__ == "__main__":

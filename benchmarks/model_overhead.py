@@ -25,8 +25,8 @@ Measurements (batch 1):
 - peak memory: resident-set growth during one call (``_timing.peak_memory``), each (system, phase) in a fresh
   subprocess that loads only that system, so no earlier call's freed-but-cached memory hides the peak
   (``--in-process-memory``, and ``--smoke``, measure in this process instead), after one small call of the same
-  kind that pages in the weights, with glibc malloc set to hand freed memory back at once (``PROBE_ENV``) so that
-  the resident set follows the memory in use; the subprocess's peak RSS (weights included) is reported too.
+  kind that pages in the weights, with glibc malloc set to hand freed memory back at once (``_timing.PROBE_ENV``)
+  so that the resident set follows the memory in use; the subprocess's peak RSS (weights included) is reported too.
 
 Timings are interleaved so that load on a shared machine hits every system alike: each round calls base, LoRA and
 δ-mem once in turn (decode interleaves single steps), and each system's time is the median over rounds. Ratios are
@@ -38,11 +38,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
-import os
-import resource
-import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -87,7 +82,13 @@ TARGETS = {  # δ-mem / reference, from the issue (benchmarks, not tests)
 }
 
 
-# ----- shared with history_scaling.py ------------------------------------------------------------------------------
+# ----- the models and their inputs, shared with history_scaling.py (timing helpers: _timing.py) --------------------
+def add_model_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--model``, the base model that :func:`load_base` loads (name or local directory)."""
+    parser.add_argument("--model", default=MODEL, help="base model name or local directory (default: %(default)s)")
+    return parser
+
+
 def load_base(smoke: bool, model: str = MODEL) -> torch.nn.Module:
     """The base causal LM in eval mode: the real SmolLM2 (offline, cached conversion) or, for smoke, a tiny Llama."""
     if smoke:
@@ -132,75 +133,6 @@ def random_ids(length: int, vocab: int, seed: int) -> torch.Tensor:
     """[1, length] token ids that avoid the first 3 (special) ids."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (1, length), generator=generator)
-
-
-def interleaved(calls: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1) -> dict[str, dict[str, Any]]:
-    """Time every call once per round, in turn (``warmup`` untimed rounds first); per call: median etc. over rounds.
-
-    Interleaving makes background load on a shared machine fall on all calls alike, so their ratios are fair.
-    """
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for round_index in range(warmup + rounds):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            elapsed = time.perf_counter() - start
-            if round_index >= warmup:
-                times[name].append(elapsed)
-    return {name: summarize(values, warmup=warmup) for name, values in times.items()}
-
-
-def summarize(values: Sequence[float], warmup: int = 0) -> dict[str, Any]:
-    """``_timing.time_fn``'s result format for a list of timings."""
-    return {
-        "median_s": statistics.median(values),
-        "min_s": min(values),
-        "max_s": max(values),
-        "mean_s": statistics.fmean(values),
-        "warmup": warmup,
-        "repeats": len(values),
-        "times_s": list(values),
-    }
-
-
-def load_average() -> list[float] | None:
-    """The 1, 5 and 15 minute load averages, where the OS reports them."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def max_rss_mb() -> float:
-    """This process's peak resident set size so far, in MiB.
-
-    Linux: ``VmHWM`` from /proc/self/status, the high-water mark of this program's own address space.
-    (``ru_maxrss`` is no use in a subprocess: it keeps the parent's high-water mark across fork + exec.)
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except (OSError, ValueError, IndexError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-# For the memory probes: glibc malloc serves every allocation above 128 KiB from its own mapping and returns freed
-# memory at once (fixed thresholds; by default they rise with use and freed memory stays in the heap), so the
-# resident set follows the memory actually in use instead of what the allocator keeps cached.
-PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-
-
-def probe_in_subprocess(script: Path, argv: Sequence[str]) -> dict[str, Any]:
-    """Run ``script --probe ...`` in a fresh interpreter (with :data:`PROBE_ENV`); it prints one ``PROBE {json}``."""
-    env = {**os.environ, **PROBE_ENV}
-    result = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, check=False, env=env)
-    for line in result.stdout.splitlines():
-        if line.startswith("PROBE "):
-            return json.loads(line[len("PROBE ") :])
-    raise RuntimeError(f"memory probe {argv} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
 
 
 # ----- the measured calls ------------------------------------------------------------------------------------------
@@ -294,7 +226,7 @@ def interleaved_decode(
                 elapsed = time.perf_counter() - start
                 if timed:
                     times[name].append(elapsed)
-    return {name: summarize(values, warmup=warmup_steps) for name, values in times.items()}
+    return {name: _timing.summarize(values, warmup=warmup_steps) for name, values in times.items()}
 
 
 def phase_call(phase: str, system: str, model: torch.nn.Module, sizes: dict[str, int], vocab: int):
@@ -318,10 +250,9 @@ def run_probe(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, Any]
     # which would otherwise count as the measured call's growth.
     phase_call(phase, system, model, WARMUP_SIZES, vocab)()
     gc.collect()
-    peak = _timing.peak_memory(phase_call(phase, system, model, sizes, vocab))
-    return {"phase": phase, "system": system, "peak_mb": peak["peak_bytes"] / 2**20, "method": peak["method"]} | {
-        "process_peak_rss_mb": max_rss_mb()
-    }
+    return {"phase": phase, "system": system} | _timing.peak_mb(
+        phase_call(phase, system, model, sizes, vocab), process_rss=True
+    )
 
 
 # ----- report ------------------------------------------------------------------------------------------------------
@@ -373,9 +304,8 @@ COLUMNS = {
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the markdown table, write the JSON; returns the JSON object."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _timing.add_common_args(parser, _timing.RESULTS_DIR / "model_overhead.json")
-    parser.add_argument("--model", default=MODEL, help="base model name or local directory (default: %(default)s)")
+    parser = _timing.benchmark_parser(__doc__, "model_overhead")
+    add_model_arg(parser)
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per measurement (default 5; smoke 1)")
     parser.add_argument("--train-rounds", type=int, default=None, help="timed rounds of the training step (default 3)")
     parser.add_argument("--generate-rounds", type=int, default=None, help="timed rounds of generate() (default 2)")
@@ -388,23 +318,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         default=MEASUREMENTS,
         help="measure only these (default: all)",
     )
-    parser.add_argument("--in-process-memory", action="store_true", help="measure peak memory in this process")
-    parser.add_argument("--probe", nargs=2, metavar=("PHASE", "SYSTEM"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    defaults = SMOKE if args.smoke else FULL
-    sizes = {name: getattr(args, name) or value for name, value in defaults.items()}
+    _timing.add_probe_args(parser, ("PHASE", "SYSTEM"))
+    args = _timing.parse_args(parser, argv)
+    sizes = _timing.sizes_from_args(args, SMOKE if args.smoke else FULL)
     if args.probe:
-        print("PROBE " + json.dumps(run_probe(args, sizes)), flush=True)
+        _timing.print_probe(run_probe(args, sizes))
         return {}
     rounds = args.rounds or (1 if args.smoke else 5)
     train_rounds = args.train_rounds or (1 if args.smoke else 3)
     generate_rounds = args.generate_rounds or (1 if args.smoke else 2)
 
-    machine = _timing.machine_info()
-    load_start = load_average()
-    print(f"# model_overhead{' (smoke)' if args.smoke else ''}: {_timing.describe_machine(machine)}", flush=True)
+    machine = _timing.start_report("model_overhead", args.smoke)
+    load_start = _timing.load_average()
     started = time.perf_counter()
     base = load_base(args.smoke, args.model)
     vocab = base.config.vocab_size
@@ -424,10 +349,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if "train" in args.only:
         train_ids = random_ids(sizes["train_tokens"], vocab, seed=1)
         calls = {n: train_step(n, m, train_ids) for n, m in models.items()}
-        record("train_step_s", interleaved(calls, train_rounds))
+        record("train_step_s", _timing.interleaved(calls, train_rounds))
     if "prefill" in args.only:
         prefill_ids = random_ids(sizes["prefill_tokens"], vocab, seed=2)
-        record("prefill_s", interleaved({n: prefill(n, m, prefill_ids) for n, m in models.items()}, rounds))
+        prefill_calls = {n: prefill(n, m, prefill_ids) for n, m in models.items()}
+        record("prefill_s", _timing.interleaved(prefill_calls, rounds))
     prompt = random_ids(sizes["decode_prompt"], vocab, seed=3)
     if "decode" in args.only:
         decoders = {n: Decoder(n, m, prompt) for n, m in models.items()}
@@ -436,19 +362,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             results[name]["decode_mean_ms_per_token"] = timings["decode_ms_per_token"][name]["mean_s"] * 1e3
     if "generate" in args.only:
         gen_calls = {n: generate(n, m, prompt, sizes["decode_steps"]) for n, m in models.items()}
-        record("generate_s", interleaved(gen_calls, generate_rounds, warmup=1 if args.smoke else 0))
+        record("generate_s", _timing.interleaved(gen_calls, generate_rounds, warmup=1 if args.smoke else 0))
 
     in_process = args.smoke or args.in_process_memory
     memory_method = "in-process" if in_process else "subprocess per (phase, system)"
     for phase in PHASES if "memory" in args.only else ():
         for name in SYSTEMS:
-            if in_process:
-                peak = _timing.peak_memory(phase_call(phase, name, models[name], sizes, vocab))
-                probe = {"peak_mb": peak["peak_bytes"] / 2**20, "method": peak["method"], "process_peak_rss_mb": None}
-            else:
-                argv = ["--probe", phase, name, "--model", args.model]
-                argv += ["--threads", str(args.threads)] if args.threads else []
-                probe = probe_in_subprocess(Path(__file__), argv)
+            probe = _timing.measure_peak(
+                phase_call(phase, name, models[name], sizes, vocab),
+                Path(__file__),
+                ["--probe", phase, name, "--model", args.model],
+                in_process=in_process,
+                threads=args.threads,
+            )
             results[name][f"{phase}_peak_mb"] = probe["peak_mb"]
             results[name][f"{phase}_process_peak_rss_mb"] = probe["process_peak_rss_mb"]
             results[name]["memory_method"] = f"{probe['method']}, {memory_method}"
@@ -457,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
 
     rows = table_rows(results)
-    load_end = load_average()
+    load_end = _timing.load_average()
     notes = [
         f"Batch 1. Training step: {sizes['train_tokens']} tokens, forward + backward of the LM loss + zero_grad; δ-mem"
         " with memory=MemoryState() (writes with gradients); base frozen, backward w.r.t. the input embeddings.",
@@ -471,11 +397,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         + ("." if in_process else ", after a small warm-up call; glibc malloc set to return freed memory (PROBE_ENV)."),
         f"Load average (1, 5, 15 min) at start {load_start}, at end {load_end}.",
     ]
-    print()
-    _timing.print_table(rows, COLUMNS)
-    print()
-    for note in notes:
-        print(f"- {note}")
+    _timing.print_report(rows, COLUMNS, notes)
     result = {
         "benchmark": "model_overhead",
         "smoke": args.smoke,
@@ -500,9 +422,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "systems": results,
         "timings": timings,
     }
-    out = _timing.write_json(args.out, result)
-    print(f"\nwrote {out}", flush=True)
-    return result
+    return _timing.save_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ and a single repeat (``--slow-repeats``); the table's "repeats" column says what
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,10 +36,9 @@ SMOKE = {"T": (40, 130), "r": (4,), "N": (1, 2), "chunk_sweep": (8, 64)}
 IMPLS = ("recurrent", "chunked")
 GRAD_NAMES = ("q", "k", "v", "keep", "erase", "write", "state")
 
+SHAPE_COLUMNS = {"T": "T", "r": "r", "N": "N"}
 COLUMNS = {
-    "T": "T",
-    "r": "r",
-    "N": "N",
+    **SHAPE_COLUMNS,
     "fwd_recurrent_ms": "fwd rec ms",
     "fwd_chunked_ms": "fwd chunk ms",
     "fwd_speedup": "fwd ×",
@@ -52,6 +50,12 @@ COLUMNS = {
     "max_diff_state": "max|Δ| state",
     "max_diff_grads": "max|Δ| grads",
     "chunked_fwdbwd_peak_mb": "chunk fwd+bwd peak MB",
+}
+SWEEP_COLUMNS = {
+    **SHAPE_COLUMNS,
+    "chunk_size": "chunk size",
+    "fwd_chunked_ms": "fwd ms",
+    "fwdbwd_chunked_ms": "fwd+bwd ms",
 }
 
 
@@ -152,22 +156,18 @@ def chunk_sweep(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the markdown table, write the JSON; returns the JSON object."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _timing.add_common_args(parser, _timing.RESULTS_DIR / "scan.json")
+    parser = _timing.benchmark_parser(__doc__, "scan")
     parser.add_argument("--chunk-size", type=int, default=64, help="chunk size of the chunked form")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 5; smoke 1)")
     parser.add_argument("--slow-repeats", type=int, default=1, help="repeats for recurrent fwd+bwd at T >= --slow-t")
     parser.add_argument("--slow-t", type=int, default=8192, help="from this T on, recurrent fwd+bwd is 'slow'")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = _timing.parse_args(parser, argv)
     device = torch.device(args.device)
     grid = SMOKE if args.smoke else FULL
     repeats = args.repeats or (1 if args.smoke else 5)
 
-    machine = _timing.machine_info(device)
-    print(f"# scan benchmark{' (smoke)' if args.smoke else ''}: {_timing.describe_machine(machine)}", flush=True)
+    machine = _timing.start_report("scan benchmark", args.smoke, device)
     rows = []
     for t in grid["T"]:
         for r in grid["r"]:
@@ -204,23 +204,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"Peak MB: {rows[0]['peak_method'] if rows else ''} growth during one chunked forward+backward.",
         f"chunk_size = {args.chunk_size}; gates [N, T, r] (rank-wise), standard mode, keep = 1 - beta; float32.",
     ]
-    print()
-    _timing.print_table(rows, COLUMNS)
-    print("\nChunked form against the chunk size (median of up to 3 repeats):\n")
-    _timing.print_table(
-        sweep,
-        {
-            "T": "T",
-            "r": "r",
-            "N": "N",
-            "chunk_size": "chunk size",
-            "fwd_chunked_ms": "fwd ms",
-            "fwdbwd_chunked_ms": "fwd+bwd ms",
-        },
-    )
-    print()
-    for note in notes:
-        print(f"- {note}")
+    sweep_title = "Chunked form against the chunk size (median of up to 3 repeats):"
+    _timing.print_report(rows, COLUMNS, notes, [sweep_title, "", _timing.markdown_table(sweep, SWEEP_COLUMNS), ""])
     result = {
         "benchmark": "scan",
         "smoke": args.smoke,
@@ -237,9 +222,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "chunk_sweep": sweep,
     }
-    out = _timing.write_json(args.out, result)
-    print(f"\nwrote {out}", flush=True)
-    return result
+    return _timing.save_result(args.out, result)
 
 
 if __name__ == "__main__":

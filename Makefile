@@ -44,7 +44,7 @@ docs: $(STAMP)
 
 # `make demo`: the README's first command. Builds .venv like `make test`, provisions SmolLM2-135M-Instruct offline,
 # trains a δ-mem adapter on CPU for at most DEMO_MINUTES, evaluates it and ends with a MemorySession exchange.
-DEMO_MINUTES ?= 15
+DEMO_MINUTES ?= 10
 DEMO_OUTPUT ?= demo-output
 .PHONY: demo
 demo: $(STAMP)

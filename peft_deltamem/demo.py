@@ -188,13 +188,17 @@ def train_adapter(
     probe_examples: Sequence[Mapping[str, Any]] = (),
     probe_every: int = 20,
     clock: str = "wall",
+    probe_at_start: bool = True,
 ) -> tuple[Any, TrainResult]:
     """Train a δ-mem adapter on ``model`` with ``recipe`` (:func:`load_recipe`) for at most ``minutes``.
 
     Uses :class:`~peft_deltamem.training.DeltaMemSFTTrainer` with the recipe's training arguments and adapter config,
     :class:`TimeBudgetCallback` and, with ``probe_examples``, :class:`ProbeCallback`. Returns the trained
-    ``PeftModel`` (eval mode) and a :class:`TrainResult`.
+    ``PeftModel`` (eval mode) and a :class:`TrainResult`. A ``model`` that already is a δ-mem ``PeftModel`` (an earlier
+    curriculum stage) trains on; its adapter config is kept and the recipe's is ignored.
     """
+    from peft import PeftModel
+
     from .training import DeltaMemSFTTrainer
 
     budget = TimeBudgetCallback(minutes, clock=clock)
@@ -203,7 +207,7 @@ def train_adapter(
         args=recipe.training,
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        peft_config=recipe.adapter,
+        peft_config=None if isinstance(model, PeftModel) else recipe.adapter,
         callbacks=[budget],
     )
     probe = None
@@ -218,7 +222,8 @@ def train_adapter(
         )
         probe = ProbeCallback(trainer.model, tokenizer, probe_examples, probe_every, budget, settings)
         trainer.add_callback(probe)
-        probe.probe(0)
+        if probe_at_start:
+            probe.probe(0)
     trainer.train()
     if probe is not None and (not probe.curve or probe.curve[-1]["step"] != trainer.state.global_step):
         probe.probe(trainer.state.global_step)
@@ -232,6 +237,52 @@ def train_adapter(
         log_history=list(trainer.state.log_history),
     )
     return peft_model, result
+
+
+def curriculum_stages(levels: Sequence[int], minutes: float, curriculum: bool = True) -> list[tuple[list[int], float]]:
+    """``(levels mixed in the stage's data, minutes)`` of each training stage.
+
+    With ``curriculum``, stage ``k`` trains on the first ``k + 1`` levels mixed, and every stage gets an equal share of
+    the time: level 1 alone first, because the memory is not read at all until the model has learned to use it, and
+    distractors make that first step much slower (docs/evaluation.md: mixing L1 and L2 from the start showed no
+    own-vs-other gap after 94 steps, where L1 alone had one after 40). Without it, one stage mixes all ``levels``.
+    """
+    levels = list(levels)
+    if not curriculum or len(levels) == 1:
+        return [(levels, minutes)]
+    return [(levels[: k + 1], minutes / len(levels)) for k in range(len(levels))]
+
+
+def train_curriculum(
+    model: Any,
+    tokenizer: Any,
+    recipe: Any,
+    stages: Sequence[tuple[Sequence[int], float]],
+    *,
+    n_train: int,
+    fact_types: Sequence[str] | None = None,
+    seed: int = 0,
+    **train_kwargs: Any,
+) -> tuple[Any, TrainResult]:
+    """:func:`train_adapter` once per stage of :func:`curriculum_stages`, on ladder data of the stage's levels (fresh
+    conversations per stage); the returned :class:`TrainResult` joins the stages (steps and minutes run on)."""
+    total = TrainResult(steps=0, train_seconds=0.0, probe_seconds=0.0)
+    for index, (levels, minutes) in enumerate(stages):
+        _print(f"-- stage {index + 1}/{len(stages)}: levels {list(levels)}, {minutes:g} min --")
+        dataset = ladder_dataset(levels, n_train, seed=seed + index, fact_types=fact_types)
+        model, stage = train_adapter(
+            model, tokenizer, dataset, recipe, minutes=minutes, probe_at_start=index == 0, **train_kwargs
+        )
+        offset_minutes = total.train_seconds / 60.0
+        total.curve += [
+            {**p, "step": p["step"] + total.steps, "minutes": round(p["minutes"] + offset_minutes, 3), "stage": index}
+            for p in stage.curve
+        ]
+        total.log_history += [{**row, "stage": index} for row in stage.log_history]
+        total.steps += stage.steps
+        total.train_seconds = round(total.train_seconds + stage.train_seconds, 1)
+        total.probe_seconds = round(total.probe_seconds + stage.probe_seconds, 1)
+    return model, total
 
 
 # ------------------------------------------------------------------------------------------------------- the demo
@@ -290,17 +341,33 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="deltamem demo",
         description="Train a δ-mem adapter on SmolLM2-135M-Instruct on CPU and evaluate it (memory-only protocol).",
     )
-    parser.add_argument("--train-minutes", type=float, default=15.0, help="training time budget (default 15)")
+    parser.add_argument("--train-minutes", type=float, default=10.0, help="training time budget (default 10)")
     parser.add_argument("--output", default="demo-output", help="directory for the adapter, results and plots")
-    parser.add_argument("--level", type=int, default=1, choices=range(1, 6), help="ladder level to train on")
+    parser.add_argument(
+        "--level", type=int, default=2, choices=range(1, 6), help="the demo's ladder level (default 2: distractors)"
+    )
+    parser.add_argument(
+        "--train-levels",
+        default=None,
+        help="comma-separated levels of the training data (default: every level from 1 to --level)",
+    )
+    parser.add_argument(
+        "--no-curriculum",
+        action="store_true",
+        help="mix all training levels from the start (default: stage k adds level k, equal time per stage)",
+    )
     parser.add_argument(
         "--eval-levels",
         default=None,
-        help="comma-separated levels to evaluate (default: the trained level and the next)",
+        help="comma-separated levels to evaluate (default: the training levels)",
     )
-    parser.add_argument("--fact-types", default=None, help="comma-separated fact types (default: all of the level)")
+    parser.add_argument(
+        "--fact-types",
+        default="colour",
+        help="comma-separated fact types, or 'all' (default: colour, a favourite colour from 10)",
+    )
     parser.add_argument("--n-train", type=int, default=8000, help="training conversations generated (default 8000)")
-    parser.add_argument("--n-eval", type=int, default=100, help="test conversations per level (default 100)")
+    parser.add_argument("--n-eval", type=int, default=50, help="test conversations per level (default 50)")
     parser.add_argument("--n-probe", type=int, default=30, help="held-out conversations of the training-time curve")
     parser.add_argument("--probe-every", type=int, default=25, help="steps between probes (0: no curve)")
     parser.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="training recipe (deltamem train format)")
@@ -355,12 +422,16 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    fact_types = tuple(args.fact_types.split(",")) if args.fact_types else None
+    fact_types = tuple(args.fact_types.split(",")) if args.fact_types not in (None, "", "all") else None
     eval_levels = (
         [int(x) for x in args.eval_levels.split(",")]
         if args.eval_levels
-        else sorted({args.level, min(args.level + 1, 5)})
+        else None
     )
+    train_levels = (
+        [int(x) for x in args.train_levels.split(",")] if args.train_levels else list(range(1, args.level + 1))
+    )
+    eval_levels = eval_levels or sorted(set(train_levels) | {args.level})
     torch.manual_seed(args.seed)
 
     _print(f"== 1/5 base model: {args.base} ==")
@@ -370,18 +441,20 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         ["--output_dir", str(output / "adapter"), "--seed", str(args.seed), *args.recipe_overrides],
     )
     _print(
-        f"== 2/5 training a δ-mem adapter on ladder level {args.level} for at most {args.train_minutes:g} min "
+        f"== 2/5 training a δ-mem adapter on ladder level(s) {train_levels} for at most {args.train_minutes:g} min "
         f"({args.clock} clock), recipe {args.recipe} =="
     )
-    dataset = ladder_dataset([args.level], args.n_train, seed=args.seed, fact_types=fact_types)
+    stages = curriculum_stages(train_levels, args.train_minutes, curriculum=not args.no_curriculum)
     probe_types = fact_types if args.level != 5 else None
     probe = make_ladder(args.level, args.n_probe, seed=10_000 + args.seed, split="train", fact_types=probe_types)
-    model, trained = train_adapter(
+    model, trained = train_curriculum(
         model,
         tokenizer,
-        dataset,
         recipe,
-        minutes=args.train_minutes,
+        stages,
+        n_train=args.n_train,
+        fact_types=fact_types,
+        seed=args.seed,
         probe_examples=probe if args.probe_every else (),
         probe_every=args.probe_every,
         clock=args.clock,
@@ -394,6 +467,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "write_pass_reads": recipe.training.write_pass_reads,
         "recent_messages": recipe.training.recent_messages,
         "level": args.level,
+        "train_levels": train_levels,
+        "stages": [{"levels": list(levels), "minutes": minutes} for levels, minutes in stages],
         "fact_types": list(fact_types or []),
         "steps": trained.steps,
         "train_seconds": trained.train_seconds,

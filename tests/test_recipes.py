@@ -75,8 +75,9 @@ def test_cpu_recipe_parses() -> None:
     recipe = parse_recipe([str(RECIPES / "smollm2-135m" / "tsw-cpu.yaml")])
     args = recipe.training
     assert args.use_cpu and not args.bf16 and not args.gradient_checkpointing
-    assert recipe.adapter.beta_bias_init == -4.0 and recipe.adapter.write_granularity == "token"
-    assert (args.learning_rate, args.per_device_train_batch_size, args.write_pass_reads) == (3e-3, 8, False)
+    assert recipe.adapter.beta_bias_init == -2.0 and recipe.adapter.write_granularity == "token"
+    assert recipe.adapter.online_gain == 0.5 and list(recipe.adapter.layers_to_transform) == list(range(24, 30))
+    assert (args.learning_rate, args.per_device_train_batch_size, args.write_pass_reads) == (1e-2, 8, False)
     assert recipe.script.dataset_name.endswith(".jsonl")
 
 

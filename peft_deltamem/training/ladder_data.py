@@ -1,5 +1,5 @@
 """Write recall-ladder training data as JSON Lines: ``python -m peft_deltamem.training.ladder_data --level 1 --n 2000
---out data/ladder-l1.jsonl``.
+--fact-types colour --out data/ladder-l1.jsonl``.
 
 Each line is one record of :func:`peft_deltamem.evaluation.ladder.make_ladder` (a ``messages`` conversation plus its
 answer and metadata), ready as ``dataset_name`` of a recipe (``recipes/smollm2-135m/tsw-cpu.yaml``). Use the default
@@ -18,9 +18,18 @@ from .._io import atomic_path
 from ..evaluation.ladder import make_ladder
 
 
-def write_ladder_jsonl(path: str | Path, level: int, n: int, *, seed: int = 0, split: str = "train") -> int:
-    """Write ``n`` ladder examples of ``level`` to ``path`` (atomically); returns the number of lines written."""
-    records = make_ladder(level, n, seed=seed, split=split)
+def write_ladder_jsonl(
+    path: str | Path,
+    level: int,
+    n: int,
+    *,
+    seed: int = 0,
+    split: str = "train",
+    fact_types: Sequence[str] | None = None,
+) -> int:
+    """Write ``n`` ladder examples of ``level`` (only ``fact_types``, if given) to ``path`` (atomically); returns the
+    number of lines written."""
+    records = make_ladder(level, n, seed=seed, split=split, fact_types=fact_types)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
@@ -36,10 +45,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=2000, help="number of conversations (default 2000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", default="train", choices=("train", "test"))
+    parser.add_argument("--fact-types", default=None, help="comma-separated fact types, e.g. colour (default: all)")
     parser.add_argument("--out", required=True, help="the .jsonl file to write")
     args = parser.parse_args(argv)
+    fact_types = args.fact_types.split(",") if args.fact_types else None
     try:
-        count = write_ladder_jsonl(args.out, args.level, args.n, seed=args.seed, split=args.split)
+        count = write_ladder_jsonl(
+            args.out, args.level, args.n, seed=args.seed, split=args.split, fact_types=fact_types
+        )
     except ValueError as err:
         parser.error(str(err))
     print(f"wrote {count} L{args.level} {args.split} conversations to {args.out}")

@@ -87,6 +87,7 @@ class ProbeCallback(TrainerCallback):
         every_steps: int,
         budget: TimeBudgetCallback,
         settings: EvalSettings | None = None,
+        start: tuple[int, float] = (0, 0.0),
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.task = recall_task(examples, name="probe")
@@ -94,6 +95,7 @@ class ProbeCallback(TrainerCallback):
         self.budget = budget
         self.settings = settings or EvalSettings(systems=PROBE_SYSTEMS, generate=False, progress=False, batch_size=32)
         self.curve: list[dict[str, float]] = []
+        self.start_step, self.start_minutes = start  # where an earlier curriculum stage left off
         self._last_loss: float | None = None
 
     def probe(self, step: int) -> dict[str, float]:
@@ -102,8 +104,8 @@ class ProbeCallback(TrainerCallback):
         result = evaluate_task(self.model, self.tokenizer, self.task, self.settings)
         systems = result["systems"]
         point = {
-            "step": step,
-            "minutes": round(self.budget.elapsed() / 60.0, 3),
+            "step": self.start_step + step,
+            "minutes": round(self.start_minutes + self.budget.elapsed() / 60.0, 3),
             "loss": self._last_loss,
             "own": systems["deltamem"]["accuracy"],
             "other": systems["deltamem_other_memory"]["accuracy"],
@@ -112,7 +114,7 @@ class ProbeCallback(TrainerCallback):
         self.curve.append(point)
         loss = "   –  " if point["loss"] is None else f"{point['loss']:6.3f}"
         print(
-            f"[probe] step {step:4d}  {point['minutes']:5.2f} min  loss {loss}  own memory {point['own']:.2f}  "
+            f"[probe] step {point['step']:4d}  {point['minutes']:5.2f} min  loss {loss}  own memory {point['own']:.2f}  "
             f"other memory {point['other']:.2f}  gold log-prob gap {point['gap']:+.2f}",
             flush=True,
         )
@@ -189,6 +191,7 @@ def train_adapter(
     probe_every: int = 20,
     clock: str = "wall",
     probe_at_start: bool = True,
+    probe_start: tuple[int, float] = (0, 0.0),
 ) -> tuple[Any, TrainResult]:
     """Train a δ-mem adapter on ``model`` with ``recipe`` (:func:`load_recipe`) for at most ``minutes``.
 
@@ -220,12 +223,14 @@ def train_adapter(
             write_pass_reads=recipe.training.write_pass_reads,
             chat_template_kwargs=dict(recipe.training.chat_template_kwargs or {}),
         )
-        probe = ProbeCallback(trainer.model, tokenizer, probe_examples, probe_every, budget, settings)
+        probe = ProbeCallback(trainer.model, tokenizer, probe_examples, probe_every, budget, settings, probe_start)
         trainer.add_callback(probe)
         if probe_at_start:
             probe.probe(0)
     trainer.train()
-    if probe is not None and (not probe.curve or probe.curve[-1]["step"] != trainer.state.global_step):
+    if probe is not None and (
+        not probe.curve or probe.curve[-1]["step"] != probe.start_step + trainer.state.global_step
+    ):
         probe.probe(trainer.state.global_step)
     peft_model = trainer.model
     peft_model.eval()
@@ -271,13 +276,16 @@ def train_curriculum(
         _print(f"-- stage {index + 1}/{len(stages)}: levels {list(levels)}, {minutes:g} min --")
         dataset = ladder_dataset(levels, n_train, seed=seed + index, fact_types=fact_types)
         model, stage = train_adapter(
-            model, tokenizer, dataset, recipe, minutes=minutes, probe_at_start=index == 0, **train_kwargs
+            model,
+            tokenizer,
+            dataset,
+            recipe,
+            minutes=minutes,
+            probe_at_start=index == 0,
+            probe_start=(total.steps, total.train_seconds / 60.0),
+            **train_kwargs,
         )
-        offset_minutes = total.train_seconds / 60.0
-        total.curve += [
-            {**p, "step": p["step"] + total.steps, "minutes": round(p["minutes"] + offset_minutes, 3), "stage": index}
-            for p in stage.curve
-        ]
+        total.curve += [{**point, "stage": index} for point in stage.curve]
         total.log_history += [{**row, "stage": index} for row in stage.log_history]
         total.steps += stage.steps
         total.train_seconds = round(total.train_seconds + stage.train_seconds, 1)
@@ -423,11 +431,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     fact_types = tuple(args.fact_types.split(",")) if args.fact_types not in (None, "", "all") else None
-    eval_levels = (
-        [int(x) for x in args.eval_levels.split(",")]
-        if args.eval_levels
-        else None
-    )
+    eval_levels = [int(x) for x in args.eval_levels.split(",")] if args.eval_levels else None
     train_levels = (
         [int(x) for x in args.train_levels.split(",")] if args.train_levels else list(range(1, args.level + 1))
     )

@@ -97,3 +97,4 @@ def test_demo_writes_results_json_with_every_system_level_and_the_curve(tiny_smo
     assert saved["write_pass_reads"] is False and saved["level"] == 2
     out = capsys.readouterr().out
     assert "stage 2/2: levels [1, 2]" in out and "Targets:" in out
+    assert "[probe] step    4" in out  # printed with the step count across stages

@@ -2,33 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-import torch
-
-BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    """Import ``benchmarks/<name>.py`` by path (the folder is not a package)."""
-    if str(BENCH_DIR) not in sys.path:
-        sys.path.insert(0, str(BENCH_DIR))
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _run(module, argv: list[str]) -> dict:
-    threads = torch.get_num_threads()
-    try:  # one thread: the smoke run stays quick on a shared, busy machine
-        return module.main([*argv, "--threads", "1"])
-    finally:
-        torch.set_num_threads(threads)
+from bench_helpers import load_benchmark, run_benchmark
 
 
 def _check_common(data: dict, returned: dict, name: str, out: Path) -> None:
@@ -42,9 +20,9 @@ def _check_common(data: dict, returned: dict, name: str, out: Path) -> None:
 
 
 def test_model_overhead_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    bench = _load("model_overhead")
+    bench = load_benchmark("model_overhead")
     out = tmp_path / "nested" / "model_overhead.json"
-    returned = _run(bench, ["--smoke", "--out", str(out)])
+    returned = run_benchmark(bench, ["--smoke", "--out", str(out)])
     data = json.loads(out.read_text())
     _check_common(data, returned, "model_overhead", out)
     assert data["settings"]["memory"] == "in-process"
@@ -74,16 +52,16 @@ def test_model_overhead_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 
 def test_model_overhead_only_some_measurements(tmp_path: Path) -> None:
-    bench = _load("model_overhead")
-    data = _run(bench, ["--smoke", "--out", str(tmp_path / "r.json"), "--only", "decode"])
+    bench = load_benchmark("model_overhead")
+    data = run_benchmark(bench, ["--smoke", "--out", str(tmp_path / "r.json"), "--only", "decode"])
     assert [row["key"] for row in data["rows"]] == ["decode_ms_per_token", "trainable_params"]
 
 
 def test_history_scaling_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    bench = _load("history_scaling")
+    bench = load_benchmark("history_scaling")
     out = tmp_path / "history_scaling.json"
     plot = tmp_path / "img" / "history.png"
-    returned = _run(bench, ["--smoke", "--out", str(out), "--plot", str(plot)])
+    returned = run_benchmark(bench, ["--smoke", "--out", str(out), "--plot", str(plot)])
     data = json.loads(out.read_text())
     _check_common(data, returned, "history_scaling", out)
     sizes, window = bench.SMOKE, bench.SMOKE_POSITIONS

@@ -2,36 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-
-BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    """Import ``benchmarks/<name>.py`` by path (the folder is not a package)."""
-    if str(BENCH_DIR) not in sys.path:
-        sys.path.insert(0, str(BENCH_DIR))
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench_helpers import load_benchmark, run_benchmark
 
 
 def test_scan_smoke_writes_expected_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    scan = _load("scan")
+    scan = load_benchmark("scan")
     out = tmp_path / "nested" / "scan.json"
-    threads = torch.get_num_threads()
-    try:  # one thread: the smoke run stays quick on a shared, busy machine
-        returned = scan.main(["--smoke", "--out", str(out), "--threads", "1"])
-    finally:
-        torch.set_num_threads(threads)
+    returned = run_benchmark(scan, ["--smoke", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(returned))
     assert data["benchmark"] == "scan" and data["smoke"] is True
@@ -61,7 +44,7 @@ def test_scan_smoke_writes_expected_json(tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_time_fn_median_and_repeats() -> None:
-    timing = _load("_timing")
+    timing = load_benchmark("_timing")
     calls = []
     result = timing.time_fn(lambda: calls.append(1), warmup=2, repeats=5)
     assert len(calls) == 7 and result["repeats"] == 5 and len(result["times_s"]) == 5
@@ -72,7 +55,7 @@ def test_time_fn_median_and_repeats() -> None:
 
 
 def test_write_json_is_atomic_and_overwrites(tmp_path: Path) -> None:
-    timing = _load("_timing")
+    timing = load_benchmark("_timing")
     path = tmp_path / "a" / "r.json"
     timing.write_json(path, {"x": 1})
     timing.write_json(path, {"x": [2, 3]})
@@ -84,7 +67,7 @@ def test_write_json_is_atomic_and_overwrites(tmp_path: Path) -> None:
 
 
 def test_markdown_table_and_peak_memory() -> None:
-    timing = _load("_timing")
+    timing = load_benchmark("_timing")
     table = timing.markdown_table([{"a": 1, "b": 0.000012345}, {"a": 2.5, "b": None}], {"a": "A", "b": "B"})
     assert table.splitlines() == ["| A | B |", "|---|---|", "| 1 | 1.2e-05 |", "| 2.5 |  |"]
 

@@ -10,14 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
 from peft_deltamem import DeltaMemConfig
 from peft_deltamem.cli_chat import main
 from tests.chat_fixtures import qwen3_tokenizer
-from tests.tiny_models import tiny_model
+from tests.tiny_models import randomize_adapter, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,11 +31,7 @@ def adapter_dir(tmp_path_factory) -> Path:
     tokenizer.save_pretrained(base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir)  # so the adapter config names base_dir as its base
     model = get_peft_model(base, DeltaMemConfig(task_type="CAUSAL_LM"))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "deltamem_" in name:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+    randomize_adapter(model, scale=0.3)
     model.save_pretrained(adapter_dir)
     return adapter_dir
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from tiny_models import random_ids, tiny_model
+from tiny_models import random_ids, randomize_adapter, tiny_model
 
 from peft_deltamem import DeltaMemConfig, MemoryState
 from peft_deltamem.cli_convert import main as convert_main
@@ -366,11 +366,7 @@ def test_cli(tmp_path, base_dir):
 
 def _trained_like(arch: str, **config):
     model = get_peft_model(tiny_model(arch), DeltaMemConfig(task_type="CAUSAL_LM", **config))
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "deltamem_" in name:
-                param.add_(torch.randn(param.shape, generator=gen) * 0.3)
+    randomize_adapter(model, seed=5, scale=0.3)
     return model
 
 

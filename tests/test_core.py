@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
-from tiny_models import ARCHITECTURES, qwen3_4b_on_meta, random_ids, tiny_model
+from tiny_models import ARCHITECTURES, qwen3_4b_on_meta, random_ids, randomize_adapter, tiny_model
 
 from peft_deltamem import DeltaMemAttention, DeltaMemConfig, MemoryState
 from peft_deltamem.config import DELTA_HEAD_INITS
@@ -16,15 +16,6 @@ ALL_HEADS = dict(delta_heads=["q", "k", "v", "o"])
 def adapted(arch: str = "llama", seed: int = 0, **config):
     base = tiny_model(arch, seed=seed)
     return get_peft_model(base, DeltaMemConfig(task_type="CAUSAL_LM", **config))
-
-
-def randomize_adapter(model, seed: int = 0, scale: float = 0.5) -> None:
-    """Give every adapter weight a non-trivial value so that memory effects are visible."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "deltamem_" in name:
-                param.add_(torch.randn(param.shape, generator=generator) * scale)
 
 
 # ----- the adapter is invisible until it has something to read -----------------------------------------------------

@@ -10,7 +10,7 @@ import json
 
 import pytest
 from chat_fixtures import smollm2_tokenizer
-from tiny_models import tiny_model
+from tiny_models import tiny_model_for
 
 import peft_deltamem.models
 from peft_deltamem.demo import check_targets, curriculum_stages, main
@@ -51,13 +51,7 @@ def tiny_smollm2(monkeypatch: pytest.MonkeyPatch) -> None:
     tokenizer = smollm2_tokenizer()
 
     def load(name: str, **kwargs):
-        model = tiny_model(
-            "llama",
-            vocab_size=len(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        model = tiny_model_for(tokenizer)
         return model, tokenizer
 
     monkeypatch.setattr(peft_deltamem.models, "load_base_model", load)

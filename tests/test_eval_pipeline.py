@@ -10,7 +10,7 @@ import pytest
 import torch
 from chat_fixtures import smollm2_tokenizer
 from peft import get_peft_model
-from tiny_models import tiny_model
+from tiny_models import randomize_adapter, tiny_model, tiny_model_for
 
 from peft_deltamem import DeltaMemConfig, MemoryState
 from peft_deltamem.evaluation import load_locomo, make_ladder
@@ -36,23 +36,13 @@ def tokenizer():
 
 
 def _peft_model(tokenizer, granularity: str = "token"):
-    base = tiny_model(
-        "llama",
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    base = tiny_model_for(tokenizer)
     config = DeltaMemConfig(
         task_type="CAUSAL_LM", r=4, delta_heads=["q", "k", "v", "o"], write_granularity=granularity, beta_bias_init=0.0
     )
     model = get_peft_model(base, config)
     # Random, large adapter weights: the memory must visibly change the outputs for the controls to mean anything.
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "deltamem_" in name:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.5)
+    randomize_adapter(model)
     return model.eval()
 
 

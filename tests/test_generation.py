@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
-from tiny_models import random_ids, tiny_model
+from tiny_models import random_ids, randomize_adapter, tiny_model
 from transformers import DynamicCache
 
 from peft_deltamem import DeltaMemConfig, MemoryState
@@ -18,11 +18,7 @@ def model():
     peft_model = get_peft_model(
         tiny_model("llama", seed=3), DeltaMemConfig(task_type="CAUSAL_LM", delta_heads=["q", "k", "v", "o"])
     )
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "deltamem_" in name:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.5)
+    randomize_adapter(peft_model)
     return peft_model.eval()
 
 

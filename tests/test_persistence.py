@@ -12,7 +12,7 @@ import pytest
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from tiny_models import random_ids, tiny_model
+from tiny_models import random_ids, randomize_adapter, tiny_model
 
 from peft_deltamem import DeltaMemConfig, MemoryState
 
@@ -30,11 +30,7 @@ def memory_logits(model) -> torch.Tensor:
 def trained_like(seed: int = 0, **config):
     base = tiny_model("qwen3")
     model = get_peft_model(base, DeltaMemConfig(task_type="CAUSAL_LM", **config))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "deltamem_" in name:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+    randomize_adapter(model, seed, scale=0.3)
     return model
 
 

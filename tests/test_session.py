@@ -14,7 +14,7 @@ from peft_deltamem import DeltaMemConfig, MemoryState
 from peft_deltamem.segments import encode_conversation
 from peft_deltamem.session import AdapterMismatchError, MemorySession
 from tests.chat_fixtures import llama3_tokenizer, qwen3_tokenizer, sample_conversation
-from tests.tiny_models import tiny_model
+from tests.tiny_models import randomize_adapter, tiny_model
 
 GREEDY = {"max_new_tokens": 5, "do_sample": False}
 QUESTION = "What is the name of my cat?"
@@ -27,11 +27,7 @@ def adapted(seed: int = 0, *, tokenizer=None, base_seed: int = 0, **config) -> t
     model = get_peft_model(
         tiny_model("qwen3", seed=base_seed, vocab_size=vocab), DeltaMemConfig(task_type="CAUSAL_LM", **config)
     )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "deltamem_" in name:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+    randomize_adapter(model, seed, scale=0.3)
     return model.requires_grad_(False).eval()
 
 

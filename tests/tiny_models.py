@@ -36,6 +36,26 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch
     return model_cls(config).to(dtype).eval()
 
 
+def tiny_model_for(tokenizer, arch: str = "llama"):
+    """:func:`tiny_model` sized to ``tokenizer``: its vocabulary and its pad, bos and eos ids."""
+    return tiny_model(
+        arch,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def randomize_adapter(model, seed: int = 0, scale: float = 0.5) -> None:
+    """Give every adapter (``deltamem_``) weight a non-trivial random value so that memory effects are visible."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "deltamem_" in name:
+                param.add_(torch.randn(param.shape, generator=generator) * scale)
+
+
 def random_ids(batch: int, length: int, *, seed: int = 1) -> torch.Tensor:
     """Token ids that avoid the special ids 0-2."""
     generator = torch.Generator().manual_seed(seed)

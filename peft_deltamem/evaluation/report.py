@@ -192,7 +192,8 @@ def plot_training_curve(
 ) -> Path:
     """Accuracy from own / other memory and the training loss against training minutes.
 
-    ``curve`` rows have ``minutes`` and any of ``own``, ``other``, ``empty`` (accuracies), ``loss``.
+    ``curve`` rows have ``minutes`` and any of ``own``, ``other``, ``empty`` (accuracies), ``loss``, and ``stage`` (a
+    curriculum stage index; a dotted line marks where each later stage starts).
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
@@ -205,6 +206,11 @@ def plot_training_curve(
         points = [(m, row[key]) for m, row in zip(minutes, curve, strict=True) if row.get(key) is not None]
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", markersize=3, color=colour, label=label)
+    stage_ends = [a["minutes"] for a, b in zip(curve, curve[1:], strict=False) if a.get("stage") != b.get("stage")]
+    for index, minute in enumerate(stage_ends):
+        ax.axvline(
+            minute, color="grey", linestyle=":", linewidth=1, label="next curriculum stage" if not index else None
+        )
     ax.set_xlabel("training minutes (wall clock)")
     ax.set_ylabel("forced-choice accuracy")
     ax.set_ylim(0, 1.05)
@@ -223,7 +229,7 @@ def plot_training_curve(
 def _save(fig: Any, plt: Any, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # keep legends placed below the axes inside the image
     plt.close(fig)
     return path
 

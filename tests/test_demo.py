@@ -13,7 +13,8 @@ from chat_fixtures import smollm2_tokenizer
 from tiny_models import tiny_model_for
 
 import peft_deltamem.models
-from peft_deltamem.demo import check_targets, curriculum_stages, main
+from peft_deltamem.demo import check_targets, main
+from peft_deltamem.training.timed import curriculum_stages
 
 SYSTEMS = ("no_history", "full_history", "bm25", "deltamem", "deltamem_empty_memory", "deltamem_other_memory")
 

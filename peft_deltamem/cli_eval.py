@@ -24,12 +24,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._io import write_text_atomic
 from .evaluation.pipeline import BASE_SYSTEMS, SYSTEMS, EvalSettings
 
 TRAINING_INFO_FILE = "deltamem_training.json"
 
 
-def _levels(text: str) -> list[int]:
+def parse_levels(text: str) -> list[int]:
+    """Ladder levels from ``"1,2,3"`` (an ``argparse`` type: a bad value is a usage error)."""
     try:
         levels = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     recall = sub.add_parser("recall", help="the recall ladder (levels 1-5)")
     group = recall.add_mutually_exclusive_group(required=True)
     group.add_argument("--level", type=int, choices=range(1, 6), help="one ladder level")
-    group.add_argument("--levels", type=_levels, help="several levels, e.g. 1,2,3")
+    group.add_argument("--levels", type=parse_levels, help="several levels, e.g. 1,2,3")
     recall.add_argument("--n", type=int, default=200, help="conversations per level (default 200)")
     recall.add_argument("--split", default="test", choices=("train", "test"))
     recall.add_argument("--fact-types", help="comma-separated fact types, e.g. colour (levels 1-4)")
@@ -139,7 +141,7 @@ def save_report(results: dict[str, dict], output: str | Path, title: str) -> str
     if len(results) > 1:
         parts += ["### all", "", levels_table(results), ""]
     markdown = "\n".join(parts)
-    (output / "results.md").write_text(f"# {title}\n\n{markdown}", encoding="utf-8")
+    write_text_atomic(output / "results.md", f"# {title}\n\n{markdown}")
     plot_results(results, output / "results.png", title=title)
     return markdown
 

@@ -18,8 +18,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._io import write_text_atomic
+from .cli_eval import TRAINING_INFO_FILE, parse_levels
 from .evaluation.pipeline import EvalSettings
-from .training.timed import DEFAULT_RECIPE, curriculum_stages, load_recipe, train_curriculum
+from .training.timed import DEFAULT_RECIPE, curriculum_stages, level_fact_types, load_recipe, train_curriculum
 
 # ------------------------------------------------------------------------------------------------------- the demo
 
@@ -84,6 +86,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--train-levels",
+        type=parse_levels,
         default=None,
         help="comma-separated levels of the training data (default: every level from 1 to --level)",
     )
@@ -94,6 +97,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--eval-levels",
+        type=parse_levels,
         default=None,
         help="comma-separated levels to evaluate (default: the training levels)",
     )
@@ -138,7 +142,7 @@ def evaluate_levels(
     results = {}
     for level in levels:
         _print(f"\n== evaluating level {level} ({n} test conversations, 6 systems) ==")
-        types = fact_types if level != 5 else None
+        types = level_fact_types(level, fact_types)
         results[f"L{level}"] = evaluate_recall(
             model, tokenizer, level, n, seed=seed, split="test", fact_types=types, settings=settings
         )
@@ -147,7 +151,6 @@ def evaluate_levels(
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Everything ``deltamem demo`` does (see the module docstring); returns what it writes to ``results.json``."""
-    import json
 
     import torch
 
@@ -159,11 +162,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     fact_types = tuple(args.fact_types.split(",")) if args.fact_types not in (None, "", "all") else None
-    eval_levels = [int(x) for x in args.eval_levels.split(",")] if args.eval_levels else None
-    train_levels = (
-        [int(x) for x in args.train_levels.split(",")] if args.train_levels else list(range(1, args.level + 1))
-    )
-    eval_levels = eval_levels or sorted(set(train_levels) | {args.level})
+    train_levels = args.train_levels or list(range(1, args.level + 1))
+    eval_levels = args.eval_levels or sorted(set(train_levels) | {args.level})
     torch.manual_seed(args.seed)
 
     _print(f"== 1/5 base model: {args.base} ==")
@@ -177,7 +177,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         f"({args.clock} clock), recipe {args.recipe} =="
     )
     stages = curriculum_stages(train_levels, args.train_minutes, curriculum=not args.no_curriculum)
-    probe_types = fact_types if args.level != 5 else None
+    probe_types = level_fact_types(args.level, fact_types)
     probe = make_ladder(args.level, args.n_probe, seed=10_000 + args.seed, split="train", fact_types=probe_types)
     model, trained = train_curriculum(
         model,
@@ -208,7 +208,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "recipe": str(args.recipe),
         "recipe_overrides": list(args.recipe_overrides),
     }
-    (output / "adapter" / "deltamem_training.json").write_text(json.dumps(training_info, indent=2) + "\n")
+    write_json(training_info, output / "adapter" / TRAINING_INFO_FILE)
 
     _print("== 3/5 evaluation: memory-only protocol (DESIGN.md §7) ==")
     settings = EvalSettings(
@@ -261,10 +261,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     )
     write_json(results, output / "results.json")
     write_json({label: r["records"] for label, r in levels.items()}, output / "records.json")
-    (output / "results.md").write_text(
+    write_text_atomic(
+        output / "results.md",
         f"# deltamem demo\n\nLevel {args.level}, {trained.steps} training steps ({trained.train_seconds / 60:.1f} min)."
         f"\n\n{table}\n\n## All evaluated levels\n\n{overview}\n",
-        encoding="utf-8",
     )
     _print(
         f"\nWrote {output}/results.json, results.md, results.png, training_curve.png and the adapter ({output}/adapter)."

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._io import write_text_atomic
 from .pipeline import SYSTEM_LABELS, SYSTEMS
 
 Result = Mapping[str, Any]
@@ -25,12 +26,7 @@ def strip_records(result: Result) -> dict[str, Any]:
 
 def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
     """Write ``data`` as indented UTF-8 JSON (atomically: a temporary file renamed into place); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=_jsonable) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=_jsonable) + "\n")
 
 
 def _jsonable(value: Any) -> Any:

@@ -9,6 +9,7 @@ The training half of ``deltamem demo`` (:mod:`peft_deltamem.demo`), usable on it
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from ..evaluation.pipeline import EvalSettings, evaluate_task, recall_task
 # ------------------------------------------------------------------------------------------------------- callbacks
 
 PROBE_SYSTEMS = ("deltamem", "deltamem_other_memory")
+#: What a probe runs: forced choice only (no generation), from own and from another conversation's memory.
+PROBE_SETTINGS = EvalSettings(systems=PROBE_SYSTEMS, generate=False, progress=False, batch_size=32)
 
 
 class TimeBudgetCallback(TrainerCallback):
@@ -89,7 +92,7 @@ class ProbeCallback(TrainerCallback):
         self.task = recall_task(examples, name="probe")
         self.every_steps = every_steps
         self.budget = budget
-        self.settings = settings or EvalSettings(systems=PROBE_SYSTEMS, generate=False, progress=False, batch_size=32)
+        self.settings = settings or PROBE_SETTINGS
         self.curve: list[dict[str, float]] = []
         self.start_step, self.start_minutes = start  # where an earlier curriculum stage left off
         self._last_loss: float | None = None
@@ -145,6 +148,11 @@ class TrainResult:
 DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "smollm2-135m" / "tsw-cpu.yaml"
 
 
+def level_fact_types(level: int, fact_types: Sequence[str] | None) -> Sequence[str] | None:
+    """The fact types to ask ``make_ladder`` for at ``level``: level 5 has its own open types and takes none."""
+    return None if level == 5 else fact_types
+
+
 def ladder_dataset(levels: Sequence[int], n: int, *, seed: int = 0, fact_types: Sequence[str] | None = None) -> Any:
     """``n`` training conversations (``messages`` only) spread evenly over ``levels``, shuffled; a ``datasets.Dataset``."""
     import random
@@ -156,10 +164,8 @@ def ladder_dataset(levels: Sequence[int], n: int, *, seed: int = 0, fact_types: 
     rows = []
     for i, level in enumerate(levels):
         count = n // len(levels) + (1 if i < n % len(levels) else 0)
-        types = fact_types if level != 5 else None
-        rows += [
-            {"messages": ex["messages"]} for ex in make_ladder(level, count, seed=seed, split="train", fact_types=types)
-        ]
+        examples = make_ladder(level, count, seed=seed, split="train", fact_types=level_fact_types(level, fact_types))
+        rows += [{"messages": ex["messages"]} for ex in examples]
     random.Random(seed).shuffle(rows)
     return Dataset.from_list(rows)
 
@@ -211,11 +217,8 @@ def train_adapter(
     )
     probe = None
     if probe_examples:
-        settings = EvalSettings(
-            systems=PROBE_SYSTEMS,
-            generate=False,
-            progress=False,
-            batch_size=32,
+        settings = dataclasses.replace(
+            PROBE_SETTINGS,
             write_pass_reads=recipe.training.write_pass_reads,
             chat_template_kwargs=dict(recipe.training.chat_template_kwargs or {}),
         )

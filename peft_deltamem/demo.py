@@ -5,9 +5,10 @@ split; train a TSW adapter with the CPU recipe (``recipes/smollm2-135m/tsw-cpu.y
 ``--train-minutes`` of wall-clock time, level by level (a curriculum), probing own- vs other-memory accuracy on a few
 held-out conversations as it goes (the training-time curve; :mod:`peft_deltamem.training.timed`); evaluate the memory-only
 protocol (:mod:`peft_deltamem.evaluation.pipeline`) on the test split of every requested level; print the table,
-save ``results.json``, ``results.md`` and the plots; and finish with a scripted
+save ``results.json``, ``results.md`` and the plots; finish with a scripted
 :class:`~peft_deltamem.session.MemorySession` exchange in which a fact from an early turn is recalled with the
-history out of the prompt.
+history out of the prompt; and check the targets (:func:`check_targets`: forced choice, greedy exact match and the
+session's answer). A missed target makes the demo exit with status 1.
 """
 
 from __future__ import annotations
@@ -61,23 +62,56 @@ def session_exchange(model: Any, tokenizer: Any, value: str = "purple") -> dict[
     }
 
 
-def check_targets(systems: Mapping[str, Mapping[str, Any]]) -> dict[str, bool]:
-    """The demo's targets (issue 6): memory-only accuracy ≥ 80 % of full history and ≥ 5× no history, and both
-    controls inside the no-history 95 % interval."""
+#: The greedy-generation bar of the targets: δ-mem's exact match (greedy answers, memory only) must reach this. It is
+#: the forced-choice bar "≥ 5 × no history" with no history at chance (10 % for the demo's colours): a generation
+#: that lost its memory answers at chance or worse even when the forced choice is perfect.
+GREEDY_EXACT_MATCH_BAR = 0.5
+
+
+def check_targets(
+    systems: Mapping[str, Mapping[str, Any]], session: Mapping[str, Any] | None = None
+) -> dict[str, bool]:
+    """The demo's targets: ``{name: met}``.
+
+    Forced choice (issue 6, ``accuracy``): memory-only accuracy ≥ 80 % of full history and ≥ 5× no history, and both
+    controls inside the no-history 95 % interval. Greedy generation (issue 12, ``exact_match``, what a user sees):
+    memory-only exact match ≥ :data:`GREEDY_EXACT_MATCH_BAR`, and its 95 % interval entirely above no history's. With
+    ``session`` (:func:`session_exchange`'s result), also: the scripted MemorySession's answer contains the stored
+    value. A metric that was not measured counts as a missed target.
+    """
     acc = {name: s["accuracy"] for name, s in systems.items()}
     lo, hi = systems["no_history"]["accuracy_ci"]
-    return {
+    greedy = systems["deltamem"].get("exact_match")
+    greedy_ci = systems["deltamem"].get("exact_match_ci")
+    base_ci = systems["no_history"].get("exact_match_ci")
+    targets = {
         "deltamem >= 0.8 x full_history": acc["deltamem"] >= 0.8 * acc["full_history"],
         "deltamem >= 5 x no_history": acc["deltamem"] >= 5 * acc["no_history"],
         "empty memory inside no_history CI": lo <= acc["deltamem_empty_memory"] <= hi,
         "other memory inside no_history CI": lo <= acc["deltamem_other_memory"] <= hi,
+        f"deltamem greedy exact match >= {GREEDY_EXACT_MATCH_BAR:g}": (
+            greedy is not None and greedy >= GREEDY_EXACT_MATCH_BAR
+        ),
+        "deltamem greedy exact match CI above no_history's": (
+            greedy_ci is not None and base_ci is not None and greedy_ci[0] > base_ci[1]
+        ),
     }
+    if session is not None:
+        targets[f"MemorySession answer contains the stored value ({session['expected']})"] = bool(session["correct"])
+    return targets
+
+
+def failed_targets(targets: Mapping[str, bool]) -> list[str]:
+    """The names of the targets that were missed."""
+    return [name for name, ok in targets.items() if not ok]
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="deltamem demo",
         description="Train a δ-mem adapter on SmolLM2-135M-Instruct on CPU and evaluate it (memory-only protocol).",
+        epilog="Exit status 1 when a target is missed (forced choice, greedy exact match from memory only, or the "
+        "closing MemorySession answer); see docs/evaluation.md.",
     )
     parser.add_argument("--train-minutes", type=float, default=10.0, help="training time budget (default 10)")
     parser.add_argument("--output", default="demo-output", help="directory for the adapter, results and plots")
@@ -221,7 +255,6 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         model, tokenizer, eval_levels, args.n_eval, fact_types=fact_types, settings=settings, seed=args.seed
     )
     demo_result = levels[f"L{args.level}"]
-    targets = check_targets(demo_result["systems"])
 
     _print("== 4/5 results ==")
     table = markdown_table(demo_result)
@@ -231,7 +264,6 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     if len(levels) > 1:
         _print("\nAll evaluated levels:\n")
         _print(overview)
-    _print("\nTargets: " + "; ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in targets.items()))
     plot_results(levels, output / "results.png", title="δ-mem on SmolLM2-135M-Instruct, memory-only recall")
     if trained.curve:
         plot_training_curve(
@@ -246,12 +278,20 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     _print(f"  δ-mem answer (memory only): {session['answer']!r}  -> {'correct' if session['correct'] else 'WRONG'}")
     _print(f"  base model, same prompt:    {session['base_answer_same_prompt']!r}")
 
+    targets = check_targets(demo_result["systems"], session)
+    failed = failed_targets(targets)
+    _print(f"\nTargets (level {args.level}; forced choice, greedy exact match from memory only, MemorySession):")
+    for name, ok in targets.items():
+        _print(f"  {'yes' if ok else 'NO ':3}  {name}")
+    _print(f"Targets: {'all met' if not failed else f'{len(failed)} of {len(targets)} NOT met'}.")
+
     results: dict[str, Any] = {name: demo_result["systems"][name] for name in demo_result["systems"]}
     results.update(
         {
             "level": args.level,
             "metric": demo_result["metric"],
             "targets": targets,
+            "targets_met": not failed,
             "diagnostics": demo_result["diagnostics"],
             "levels": {label: {k: v for k, v in r.items() if k != "records"} for label, r in levels.items()},
             "training": {**training_info, "curve": trained.curve, "log_history": trained.log_history},
@@ -264,7 +304,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     write_text_atomic(
         output / "results.md",
         f"# deltamem demo\n\nLevel {args.level}, {trained.steps} training steps ({trained.train_seconds / 60:.1f} min)."
-        f"\n\n{table}\n\n## All evaluated levels\n\n{overview}\n",
+        f"\n\n{table}\n\n## All evaluated levels\n\n{overview}\n\n## Targets\n\n"
+        + "".join(f"- {'met' if ok else '**not met**'}: {name}\n" for name, ok in targets.items()),
     )
     _print(
         f"\nWrote {output}/results.json, results.md, results.png, training_curve.png and the adapter ({output}/adapter)."
@@ -274,11 +315,21 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``deltamem demo``; returns the exit status."""
+    """Entry point of ``deltamem demo``; returns the exit status: 0 when every target of :func:`check_targets` is met,
+    1 (after writing every result file, with the missed targets listed on stderr) when one is not."""
     import sys
 
     args = _parse_args(list(sys.argv[1:] if argv is None else argv))
-    run_demo(args)
+    results = run_demo(args)
+    failed = failed_targets(results["targets"])
+    if failed:
+        print(
+            f"deltamem demo: {len(failed)} target(s) not met (results in {args.output}/results.json):\n"
+            + "\n".join(f"  - {name}" for name in failed),
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     return 0
 
 

@@ -47,6 +47,7 @@ import _timing  # noqa: E402
 from model_overhead import add_model_arg, load_base, random_ids, wrap  # noqa: E402
 
 from peft_deltamem import MemoryState  # noqa: E402
+from peft_deltamem._compat import cache_kwargs  # noqa: E402
 
 SYSTEMS = ("deltamem", "in_context")
 FULL = {"histories": (2048, 8192, 32768), "segment": 2048, "question": 32, "answer": 16}
@@ -114,9 +115,9 @@ class HistoryRun:
                 self._generate(self.question, memory=memory)
             else:
                 cache = DynamicCache()
-                self.model(input_ids=self.kept, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                self.model(input_ids=self.kept, use_cache=True, logits_to_keep=1, **cache_kwargs(self.model, cache))
                 taken_in = time.perf_counter()
-                self._generate(torch.cat([self.kept, self.question], dim=1), past_key_values=cache)
+                self._generate(torch.cat([self.kept, self.question], dim=1), **cache_kwargs(self.model, cache))
             done = time.perf_counter()
         return {"take_in_s": taken_in - start, "answer_s": done - taken_in}
 

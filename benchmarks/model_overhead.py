@@ -54,6 +54,7 @@ for _path in (_HERE, _HERE.parent):  # run from a checkout without installing: `
 import _timing  # noqa: E402
 
 from peft_deltamem import DeltaMemConfig, MemoryState  # noqa: E402
+from peft_deltamem._compat import cache_kwargs  # noqa: E402
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SYSTEMS = ("base", "lora", "deltamem")
@@ -171,18 +172,18 @@ class Decoder:
         """Prefill the prompt into a fresh cache and memory."""
         from transformers import DynamicCache
 
-        self.cache = DynamicCache()
+        self.cache_kwargs = cache_kwargs(self.model, DynamicCache())
         self.kwargs = memory_kwargs(self.system)
         with torch.no_grad():
             out = self.model(
-                input_ids=self.prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1, **self.kwargs
+                input_ids=self.prompt, use_cache=True, logits_to_keep=1, **self.cache_kwargs, **self.kwargs
             )
         self.feed = out.logits[:, -1:].argmax(-1)
 
     def step(self) -> None:
         """Feed the last token; keep the greedy next one."""
         with torch.no_grad():
-            out = self.model(input_ids=self.feed, past_key_values=self.cache, use_cache=True, **self.kwargs)
+            out = self.model(input_ids=self.feed, use_cache=True, **self.cache_kwargs, **self.kwargs)
         self.feed = out.logits[:, -1:].argmax(-1)
 
     def run(self, steps: int) -> None:

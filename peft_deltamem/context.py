@@ -37,10 +37,24 @@ class MemoryCallContext:
     final_states: dict[str, torch.Tensor] = field(default_factory=dict)
     record_write_gates: bool = False
     write_gates: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    reached: set[str] = field(default_factory=set)  # layers that read their initial state during this call
 
     def initial_state(self, layer: str) -> torch.Tensor:
-        """The layer's memory [B, n, r, r] as it was when the call began."""
+        """The layer's memory [B, n, r, r] as it was when the call began (and a record that it reached the layer)."""
+        self.reached.add(layer)
         return self.initial_states[layer]
+
+    def check_reached(self) -> None:
+        """Raise unless every adapted layer read the memory during the call: a memory must never be lost silently."""
+        missing = [layer for layer in self.memory.layout.layers if layer not in self.reached]
+        if missing:
+            raise RuntimeError(
+                f"The δ-mem memory of this call never reached {len(missing)} of {len(self.memory.layout.layers)} "
+                f"adapted layers (first: {missing[0]!r}), so their reads and writes were lost. The model did not "
+                "pass the memory context from its forward call down to its attention modules: a transformers release "
+                "may have changed how keyword arguments travel. Pin a supported transformers version (see "
+                "requirements.lock) and report the versions of transformers and peft_deltamem."
+            )
 
     def record(self, layer: str, final_state: torch.Tensor, write_gate: torch.Tensor, mask: torch.Tensor) -> None:
         """Keep the layer's state after this call's writes (and its write gates, when asked for)."""
@@ -66,7 +80,8 @@ def _deltamem_layers(model: nn.Module) -> list[Any]:
     return cached[1]
 
 
-def _active_layers(model: nn.Module) -> list[tuple[Any, str]]:
+def active_layers(model: nn.Module) -> list[tuple[Any, str]]:
+    """The model's δ-mem layers with an active adapter, as (layer, adapter name); empty while adapters are off."""
     layers = []
     for module in _deltamem_layers(model):
         adapter = module._current_adapter()
@@ -81,6 +96,18 @@ def _call_tensor(args: tuple, kwargs: dict, name: str, position: int) -> torch.T
     return args[position] if len(args) > position and torch.is_tensor(args[position]) else None
 
 
+def _memory_cache(args: tuple, kwargs: dict) -> MemoryCache | None:
+    """The call's :class:`MemoryCache`, found by its type wherever it was passed.
+
+    Looking by type, not by keyword, keeps generation from losing its memory when transformers renames the cache
+    argument again (5.24 renamed ``past_key_values`` to ``cache``; its ``generate`` passes the new name).
+    """
+    for value in (*kwargs.values(), *args):
+        if isinstance(value, MemoryCache):
+            return value
+    return None
+
+
 def _before_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     memory: MemoryState | None = kwargs.pop("memory", None)
     write = kwargs.pop("memory_write", True)
@@ -88,7 +115,7 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
     segment_ids = kwargs.pop("memory_segment_ids", None)
     record_write_gates = kwargs.pop("memory_record_write_gates", False)
     kwargs.pop(CONTEXT_KWARG, None)
-    layers = _active_layers(model)
+    layers = active_layers(model)
     if not layers:
         return args, kwargs  # adapters disabled or unloaded: the base model runs, the memory is untouched
     if memory is not None and not isinstance(memory, MemoryState):
@@ -110,10 +137,10 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
             "δ-mem takes token validity from a 2-D attention_mask [batch, tokens]; got a "
             f"{attention_mask.dim()}-D mask. Pass the 2-D padding mask (1 = real token)."
         )
-    cache = kwargs.get("past_key_values")
-    if memory is None and isinstance(cache, MemoryCache):
+    cache = _memory_cache(args, kwargs)
+    if memory is None and cache is not None:
         # generate(): the memory travels in the cache, which also knows which rows have ended.
-        memory, active_rows = cache.memory_call(_call_tensor(args, kwargs, "input_ids", 0), batch)
+        memory, active_rows = cache.memory_call(_call_tensor(args, kwargs, "input_ids", 0), batch, length)
         write = write and cache.memory_write
         token_mask = token_mask & active_rows.to(token_mask.device).unsqueeze(1)
     first, adapter = layers[0]
@@ -132,6 +159,10 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
         record_write_gates=bool(record_write_gates),
     )
     kwargs[CONTEXT_KWARG] = context
+    if torch.is_grad_enabled():
+        from .checkpointing import prepare_checkpointing  # a reentrant checkpoint must carry the memory through
+
+        prepare_checkpointing(model)
     return args, kwargs
 
 
@@ -150,9 +181,12 @@ def _segment_ids(ids, batch: int, length: int, device: torch.device) -> torch.Te
 
 def _after_forward(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
     context: MemoryCallContext | None = kwargs.get(CONTEXT_KWARG)
-    if context is not None and context.write:
+    if context is None:
+        return output
+    context.check_reached()
+    if context.write:
         context.memory.states.update(context.final_states)
-    if context is not None and context.record_write_gates:
+    if context.record_write_gates:
         context.memory.last_write_gates = dict(context.write_gates)
     return output
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, GenerationConfig
 
+from ._compat import cache_keyword, cache_kwargs, given_cache
 from .state import MemoryState
 
 
@@ -37,10 +38,15 @@ class MemoryCache(DynamicCache):
         self.memory_write = write
         self.eos_token_ids = list(eos_token_ids or [])
         self.finished: torch.Tensor | None = None  # [B] bool, rows whose sequence has ended
+        self.tokens_with_memory = 0  # positions fed through model calls that found this cache's memory
 
-    def memory_call(self, input_ids: torch.Tensor | None, batch: int) -> tuple[MemoryState, torch.Tensor | None]:
-        """Prepare the memory for one model call: returns it and a [B] mask of rows that may read and write."""
+    def memory_call(
+        self, input_ids: torch.Tensor | None, batch: int, length: int
+    ) -> tuple[MemoryState, torch.Tensor | None]:
+        """Prepare the memory for one model call of ``length`` new positions: returns it and a [B] mask of rows that
+        may read and write."""
         decoding = self.get_seq_length() > 0
+        self.tokens_with_memory += length
         if not decoding and self.memory.batch_size not in (None, batch) and batch % self.memory.batch_size == 0:
             # generate() expanded the batch (beams / several return sequences): expand the memory likewise.
             self._select_rows(torch.arange(self.memory.batch_size).repeat_interleave(batch // self.memory.batch_size))
@@ -101,12 +107,13 @@ def generate_with_memory(
     With ``memory_write=False`` the memory is only read. With beam search (or several return sequences) the memory
     afterwards has one row per returned sequence.
     """
-    if kwargs.get("past_key_values") is not None:
+    if given_cache(kwargs) is not None:
         raise ValueError(
             "generate(memory=...) builds its own cache; to continue from a cache, pass a peft_deltamem.MemoryCache "
-            "as past_key_values and no memory=."
+            f"as {cache_keyword(model)}= and no memory=."
         )
-    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    # The prompt as generate() takes it: input_ids=, inputs= (its own name for the first argument) or positional.
+    input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
     if input_ids is None:
         raise ValueError("generate(memory=...) needs input_ids.")
     attention_mask = kwargs.get("attention_mask")
@@ -119,7 +126,8 @@ def generate_with_memory(
     start = user_memory.clone()
     working = user_memory.clone()
     cache = MemoryCache(working, config=model.config, write=memory_write, eos_token_ids=eos_ids)
-    outputs = model.generate(*args, past_key_values=cache, use_cache=True, **kwargs)
+    outputs = model.generate(*args, **cache_kwargs(model, cache), use_cache=True, **kwargs)
+    _check_memory_followed(cache)
     sequences = outputs if torch.is_tensor(outputs) else outputs.sequences
     if memory_write:
         prompt_length = input_ids.shape[1]
@@ -137,13 +145,27 @@ def generate_with_memory(
     return outputs
 
 
+def _check_memory_followed(cache: MemoryCache) -> None:
+    """Raise unless every position generate() fed to the model went through a call that found the memory."""
+    fed = cache.get_seq_length()
+    if cache.tokens_with_memory != fed:
+        raise RuntimeError(
+            f"generate(memory=...) lost its memory: the model saw {fed} positions but only {cache.tokens_with_memory} "
+            "of them came with the memory. The installed transformers passed the cache to the model in a way "
+            "peft_deltamem does not recognise (a renamed argument?). Pin a supported transformers version (see "
+            "requirements.lock) and report the versions of transformers and peft_deltamem."
+        )
+
+
 def _write_last_token(model, cache: MemoryCache, attention_mask, generated, eos_ids) -> None:
     """generate() never feeds its last token back; write it (unless its row had already ended)."""
     mask = torch.cat([attention_mask, _generated_mask(generated, eos_ids)], dim=1)
     last = generated[:, -1:]
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)[:, -1:]
     with torch.no_grad():
-        model(input_ids=last, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True)
+        model(
+            input_ids=last, attention_mask=mask, position_ids=position_ids, use_cache=True, **cache_kwargs(model, cache)
+        )
 
 
 def _rewrite(model, start: MemoryState, input_ids, attention_mask, generated, eos_ids) -> MemoryState:

@@ -6,7 +6,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .config import DeltaMemConfig
-from .context import install_memory_hooks, remove_memory_hooks
+from .context import active_layers, install_memory_hooks, remove_memory_hooks
 from .generation import generate_with_memory
 from .layer import PROJECTIONS, DeltaMemAttention, find_projections
 from .state import MemoryState
@@ -86,6 +86,10 @@ class DeltaMemModel(BaseTuner):
         Returns:
             What ``generate`` returns. The memory is advanced only if generation succeeds.
         """
+        if not active_layers(self.model):
+            # Adapters disabled (disable_adapter()): the base model generates and the memory is untouched, as in
+            # a forward call.
+            return self.model.generate(*args, **kwargs)
         return generate_with_memory(self.model, *args, memory=memory, memory_write=memory_write, **kwargs)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:

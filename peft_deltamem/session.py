@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, TextIteratorStreamer
 
+from ._compat import cache_kwargs
 from ._io import atomic_path
 from ._registry import DELTAMEM_PEFT_TYPE
 from .segments import NOT_WRITTEN, encode_conversation, validate_messages
@@ -311,8 +312,8 @@ class MemorySession:
             self.model(
                 input_ids=ids[:, start:end],
                 attention_mask=torch.ones(1, end, dtype=ids.dtype, device=ids.device),
-                past_key_values=cache,
                 use_cache=cache is not None,
+                **cache_kwargs(self.model, cache),
                 memory=self.memory,
                 memory_write=written,
                 memory_record_write_gates=written,

@@ -9,7 +9,7 @@ from peft import get_peft_model
 from tiny_models import random_ids, tiny_model
 
 from peft_deltamem import DeltaMemAttention, DeltaMemConfig, MemoryState
-from peft_deltamem.context import _active_layers
+from peft_deltamem.context import active_layers
 
 
 def _layers_written(model, ids) -> list[str]:
@@ -35,13 +35,13 @@ def test_disabled_adapters_and_deep_copies_use_their_own_layers() -> None:
     ids = random_ids(1, 7, seed=3)
     _layers_written(model, ids)  # caches the layer list
     inner = model.base_model.model
-    assert [m for m, _ in _active_layers(inner)] == [m for m in inner.modules() if isinstance(m, DeltaMemAttention)]
+    assert [m for m, _ in active_layers(inner)] == [m for m in inner.modules() if isinstance(m, DeltaMemAttention)]
     twin = copy.deepcopy(model)
     twin_inner = twin.base_model.model
-    twin_layers = [m for m, _ in _active_layers(twin_inner)]
+    twin_layers = [m for m, _ in active_layers(twin_inner)]
     assert twin_layers == [m for m in twin_inner.modules() if isinstance(m, DeltaMemAttention)]
-    assert {id(m) for m in twin_layers}.isdisjoint({id(m) for m, _ in _active_layers(inner)})
+    assert {id(m) for m in twin_layers}.isdisjoint({id(m) for m, _ in active_layers(inner)})
     with model.disable_adapter():
-        assert _active_layers(inner) == []
+        assert active_layers(inner) == []
         assert _layers_written(model, ids) == []  # the base model runs; the memory stays empty
     assert len(_layers_written(model, ids)) == 2

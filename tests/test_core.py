@@ -8,6 +8,7 @@ from peft import get_peft_model
 from tiny_models import ARCHITECTURES, qwen3_4b_on_meta, random_ids, randomize_adapter, tiny_model
 
 from peft_deltamem import DeltaMemAttention, DeltaMemConfig, MemoryState
+from peft_deltamem._compat import cache_kwargs, output_cache
 from peft_deltamem.config import DELTA_HEAD_INITS
 
 ALL_HEADS = dict(delta_heads=["q", "k", "v", "o"])
@@ -101,7 +102,9 @@ def test_two_calls_with_memory_and_cache_equal_one_call(arch: str, heads: int) -
 
     split_memory = MemoryState()
     first = model(input_ids=ids[:, :5], memory=split_memory, use_cache=True)
-    second = model(input_ids=ids[:, 5:], memory=split_memory, past_key_values=first.past_key_values, use_cache=True)
+    second = model(
+        input_ids=ids[:, 5:], memory=split_memory, use_cache=True, **cache_kwargs(model, output_cache(first))
+    )
     split = torch.cat([first.logits, second.logits], dim=1)
     assert (split - whole).abs().max().item() <= 1e-5
     for name, state in whole_memory.states.items():

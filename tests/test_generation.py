@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
+import warnings
+
 import pytest
 import torch
+import transformers
 from peft import get_peft_model
 from tiny_models import random_ids, randomize_adapter, tiny_model
 from transformers import DynamicCache
 
+import peft_deltamem.context as context_module
 from peft_deltamem import DeltaMemConfig, MemoryState
+from peft_deltamem._compat import CACHE_KEYWORDS, cache_keyword
+from peft_deltamem.generation import MemoryCache
 
 NEW_TOKENS = 6
 
@@ -41,7 +48,16 @@ def greedy(model, ids, memory, **kwargs):
     )
 
 
-def test_greedy_generate_equals_a_manual_token_loop(model) -> None:
+def accepted_cache_keywords(model) -> list[str]:
+    """The cache keywords the installed transformers accepts: its own, and the old one while it is deprecated."""
+    return sorted({cache_keyword(model), "past_key_values"})
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+@pytest.mark.parametrize("spelling", CACHE_KEYWORDS)
+def test_greedy_generate_equals_a_manual_token_loop(model, spelling: str) -> None:
+    if spelling not in accepted_cache_keywords(model):
+        pytest.skip(f"transformers {transformers.__version__} does not take {spelling}=")
     prompt = random_ids(1, 5, seed=20)
     memory = filled_memory(model, seed=21)
     manual_memory = memory.clone()
@@ -50,12 +66,69 @@ def test_greedy_generate_equals_a_manual_token_loop(model) -> None:
     cache, tokens, feed = DynamicCache(), prompt, prompt
     with torch.no_grad():
         for _ in range(NEW_TOKENS):
-            out = model(input_ids=feed, memory=manual_memory, past_key_values=cache, use_cache=True)
+            out = model(input_ids=feed, memory=manual_memory, use_cache=True, **{spelling: cache})
             feed = out.logits[:, -1:].argmax(-1)
             tokens = torch.cat([tokens, feed], dim=1)
-        model(input_ids=feed, memory=manual_memory, past_key_values=cache, use_cache=True)  # the last token too
+        model(input_ids=feed, memory=manual_memory, use_cache=True, **{spelling: cache})  # the last token too
+    assert cache.get_seq_length() == tokens.shape[1]  # the KV cache was really used under this spelling
     assert torch.equal(sequences, tokens)
     assert_same_memory(memory, manual_memory)
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+@pytest.mark.parametrize("how", ["cache", "past_key_values", "positional"])
+def test_a_memory_cache_is_found_under_any_name_or_position(model, how: str) -> None:
+    """A MemoryCache passed to the model under either keyword, or in the cache's positional slot, carries its memory
+    exactly as memory= does."""
+    ids = random_ids(1, 6, seed=27)
+    expected = MemoryState()
+    with torch.no_grad():
+        expected_logits = model(input_ids=ids, memory=expected).logits
+    base = model.get_base_model()
+    cache = MemoryCache(MemoryState(), config=base.config)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        if how == "positional":
+            slot = list(inspect.signature(type(base).forward).parameters).index(cache_keyword(base)) - 1
+            args = [ids, mask, None, None][:slot] + [cache]
+            logits = base(*args, use_cache=True).logits
+        else:
+            logits = base(input_ids=ids, attention_mask=mask, use_cache=True, **{how: cache}).logits
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-6)
+    assert_same_memory(cache.memory, expected, atol=1e-6)
+
+
+def test_our_own_calls_use_the_cache_name_transformers_expects(model) -> None:
+    """generate(memory=...) passes the cache under the installed model's own keyword: no deprecation warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        greedy(model, random_ids(1, 4, seed=28), filled_memory(model, seed=29))
+
+
+def test_generation_that_loses_its_memory_raises(model, monkeypatch) -> None:
+    """The failure of transformers 5.24 (the hook no longer found the cache, every step ran on a throwaway empty
+    memory) must be loud: simulate a hook that cannot find the cache."""
+    monkeypatch.setattr(context_module, "_memory_cache", lambda args, kwargs: None)
+    memory = filled_memory(model, seed=30)
+    before = memory.clone()
+    with pytest.raises(RuntimeError, match="lost its memory"):
+        greedy(model, random_ids(1, 4, seed=31), memory)
+    assert_same_memory(memory, before, atol=0)  # nothing changed
+
+
+def test_a_memory_that_never_reaches_a_layer_raises() -> None:
+    """A model that skips an adapted layer (here: its last decoder layer removed after wrapping) loses that layer's
+    reads and writes: the call raises instead of returning a memory with a stale layer."""
+    peft_model = get_peft_model(tiny_model("llama", seed=4), DeltaMemConfig(task_type="CAUSAL_LM"))
+    memory = MemoryState()
+    peft_model(input_ids=random_ids(1, 4), memory=memory)
+    decoder = peft_model.get_base_model().model
+    decoder.layers = decoder.layers[:-1]
+    decoder.config.num_hidden_layers -= 1
+    before = memory.clone()
+    with pytest.raises(RuntimeError, match="never reached 1 of 2 adapted layers"):
+        peft_model(input_ids=random_ids(1, 4), memory=memory)
+    assert_same_memory(memory, before, atol=0)
 
 
 def test_the_memory_holds_prompt_and_generated_tokens_once(model) -> None:
@@ -130,9 +203,11 @@ def test_generate_without_memory_uses_a_temporary_one(model) -> None:
     assert torch.equal(greedy(model, prompt, None), greedy(model, prompt, MemoryState()))
 
 
-def test_passing_a_cache_and_a_memory_is_refused(model) -> None:
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+@pytest.mark.parametrize("spelling", CACHE_KEYWORDS)
+def test_passing_a_cache_and_a_memory_is_refused(model, spelling: str) -> None:
     with pytest.raises(ValueError, match="MemoryCache"):
-        greedy(model, random_ids(1, 3), MemoryState(), past_key_values=DynamicCache())
+        greedy(model, random_ids(1, 3), MemoryState(), **{spelling: DynamicCache()})
 
 
 @pytest.mark.parametrize("beams", [1, 3])
@@ -153,3 +228,18 @@ def test_decoding_with_the_cached_memory_equals_recomputing_everything_each_step
         eos_token_id=None,
     )
     assert torch.equal(ours, reference)
+
+
+def test_generate_with_the_adapter_disabled_is_the_base_model_and_leaves_the_memory(model) -> None:
+    prompt = random_ids(1, 5, seed=34)
+    memory = filled_memory(model, seed=35)
+    before = memory.clone()
+    with model.disable_adapter():
+        ours = greedy(model, prompt, memory, eos_token_id=None)
+    base = model.get_base_model()
+    with model.disable_adapter():
+        reference = base.generate(
+            input_ids=prompt, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None
+        )
+    assert torch.equal(ours, reference)
+    assert_same_memory(memory, before, atol=0)

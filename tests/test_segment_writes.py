@@ -9,6 +9,7 @@ from peft import get_peft_model
 from tiny_models import random_ids, tiny_model
 
 from peft_deltamem import DeltaMemConfig, MemoryState
+from peft_deltamem._compat import cache_kwargs, output_cache
 
 # Two rows; ids -1 are not written (e.g. a system prompt), messages 0..2, row 1 is left-padded.
 SEGMENTS = torch.tensor(
@@ -135,8 +136,8 @@ def test_calls_split_at_message_boundaries_write_each_message_once(heads: int) -
             input_ids=ids[:, 6:],
             memory=split,
             memory_segment_ids=segments[:, 6:],
-            past_key_values=first.past_key_values,
             use_cache=True,
+            **cache_kwargs(model, output_cache(first)),
         )
     for layer, state in whole.states.items():
         torch.testing.assert_close(split.states[layer], state, rtol=1e-4, atol=1e-6)

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._compat import cache_kwargs, output_cache
 from ..state import MemoryState
 from .ladder import history_messages
 from .retrieval import bm25_top_k
@@ -452,7 +453,7 @@ def score_continuations(
     if not longer:
         return scores
     row_index = torch.tensor([i for i, _ in longer], dtype=torch.long, device=device)
-    cache = out.past_key_values
+    cache = output_cache(out)
     cache.batch_select_indices(row_index)
     # Feed all but the last token: position t predicts token t + 1.
     cont_ids, cont_mask = _right_pad([continuations[i][j][:-1] for i, j in longer], pad_id, device)
@@ -464,8 +465,8 @@ def score_continuations(
             input_ids=cont_ids,
             attention_mask=torch.cat([mask[row_index], cont_mask], dim=1),
             position_ids=cont_positions,
-            past_key_values=cache,
             use_cache=True,
+            **cache_kwargs(model, cache),
             **mem_kwargs,
         ).logits.float(),
         dim=-1,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from .checkpointing import restore_checkpointing
 from .config import DeltaMemConfig
 from .context import active_layers, install_memory_hooks, remove_memory_hooks
 from .generation import generate_with_memory
@@ -39,17 +42,24 @@ class DeltaMemModel(BaseTuner):
     target_module_mapping: dict[str, list[str]] = {}
 
     def _prepare_adapter_config(self, peft_config: DeltaMemConfig, model_config: dict) -> DeltaMemConfig:
-        return peft_config
-
-    def _pre_injection_hook(self, model: nn.Module, config: DeltaMemConfig, adapter_name: str) -> None:
-        if config.target_modules is None:
-            names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if find_projections(module)}
+        # Runs for every adapter, the first and those added later with add_adapter / load_adapter (PEFT calls
+        # _pre_injection_hook for the first adapter only).
+        if peft_config.target_modules is None:
+            model = self.model
+            # An attention module already wrapped by an earlier adapter is found by its wrapper's name.
+            wrapped = {id(m.base_layer) for m in model.modules() if isinstance(m, DeltaMemAttention)}
+            names = {
+                name.rsplit(".", 1)[-1]
+                for name, module in model.named_modules()
+                if isinstance(module, DeltaMemAttention) or (id(module) not in wrapped and find_projections(module))
+            }
             if not names:
                 raise ValueError(
                     f"δ-mem found no attention module in {type(model).__name__}: it looks for modules with children "
                     f"{list(PROJECTIONS.values())}. Set DeltaMemConfig.target_modules to the attention modules' names."
                 )
-            config.target_modules = names
+            peft_config.target_modules = names
+        return peft_config
 
     def _post_injection_hook(self, model: nn.Module, config: DeltaMemConfig, adapter_name: str) -> None:
         install_memory_hooks(model)
@@ -71,6 +81,28 @@ class DeltaMemModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         setattr(parent, target_name, new_module)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """Refuse PEFT's mixed-adapter batches (``adapter_names=[...]``, one adapter per batch row), by design.
+
+        PEFT runs this around every forward and ``generate`` call while an adapter is enabled. δ-mem cannot mix
+        adapters in one batch: each adapter has its own memory layout, a ``MemoryState`` belongs to one adapter, and
+        the memory's rows must all be read and written by it. A list that names only the active adapter for every
+        row is the ordinary single-adapter call and runs as such; anything else raises instead of being ignored.
+        """
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is not None:
+            active = self.active_adapters
+            if not (len(active) == 1 and all(name == active[0] for name in adapter_names)):
+                raise ValueError(
+                    f"δ-mem does not support mixed-adapter batches (adapter_names={list(adapter_names)!r}; active "
+                    f"adapter {active[0] if len(active) == 1 else active!r}): every adapter has its own memory, and "
+                    "a MemoryState belongs to one adapter. Split the batch by adapter and run each part after "
+                    "model.set_adapter(name), with that adapter's MemoryState (rows for the base model: inside "
+                    "`with model.disable_adapter():`)."
+                )
+        yield
 
     def generate(self, *args, memory: MemoryState | None = None, memory_write: bool = True, **kwargs):
         """The base model's ``generate``, with the memory carried through decoding (greedy, sampling, beam search).
@@ -114,4 +146,5 @@ class DeltaMemModel(BaseTuner):
         if merge:
             self._check_merge_allowed()
         remove_memory_hooks(self.model)
+        restore_checkpointing(self.model)
         return super()._unload_and_optionally_merge(merge=False, **kwargs)

@@ -10,6 +10,17 @@ __all__ = ["SCAN_IMPLS", "delta_rule_scan"]
 
 SCAN_IMPLS = ("auto", "recurrent", "chunked")
 
+try:  # torch >= 2.4 takes the device type
+    torch.is_autocast_enabled("cpu")
+
+    def _autocast_enabled(device_type: str) -> bool:
+        return torch.is_autocast_enabled(device_type)
+
+except TypeError:  # torch 2.3
+
+    def _autocast_enabled(device_type: str) -> bool:
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
 
 def delta_rule_scan(
     q: torch.Tensor,
@@ -34,6 +45,11 @@ def delta_rule_scan(
     """
     if impl not in SCAN_IMPLS:
         raise ValueError(f"delta_rule_scan: impl must be one of {SCAN_IMPLS}, got {impl!r}")
+    if _autocast_enabled(q.device.type):
+        # The recurrence runs in float32 whatever the surrounding autocast says (DESIGN.md §1, "Precision"): under
+        # autocast its matmuls would run in half precision and hand back a half-precision memory.
+        with torch.autocast(q.device.type, enabled=False):
+            return delta_rule_scan(q, k, v, keep, erase, write, state, mask, impl=impl, chunk_size=chunk_size)
     if impl == "auto":
         impl = "chunked" if q.shape[1] > 1 else "recurrent"
     if impl == "chunked":

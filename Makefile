@@ -55,8 +55,9 @@ lock:
 # `make test-oldest`: the oldest releases we claim to support (constraints-oldest.txt = pyproject's lower bounds)
 # on the parts that touch them: the tuner, generation, sessions, training, the Hub path.
 OLDEST_VENV := .venv-oldest
-OLDEST_TESTS := tests/test_core.py tests/test_generation.py tests/test_state_and_errors.py tests/test_peft_battery.py \
-	tests/test_session.py tests/test_training.py tests/test_training_episodes.py tests/test_hub.py
+OLDEST_TESTS := tests/tuner/test_core.py tests/memory/test_generation.py tests/memory/test_state_and_errors.py \
+	tests/tuner/test_peft_battery.py tests/chat/test_session.py tests/training/test_trainer.py \
+	tests/training/test_episodes.py tests/interop/test_hub.py
 test-oldest:
 	rm -rf $(OLDEST_VENV)
 	$(PYTHON) -m venv $(OLDEST_VENV)

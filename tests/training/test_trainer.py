@@ -2,47 +2,22 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
-from chat_fixtures import sample_conversation, smollm2_tokenizer
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
-from tiny_models import tiny_model
 from transformers import TrainerCallback
 
 from peft_deltamem import DeltaMemConfig, MemoryState
 from peft_deltamem.training import DataError, DeltaMemSFTConfig, DeltaMemSFTTrainer
+from tests.helpers.chat_fixtures import sample_conversation, smollm2_tokenizer
+from tests.helpers.recall import recall_conversations
+from tests.helpers.tiny_models import tiny_model
 
 TOK = smollm2_tokenizer()
-CODES = list("KMPRTVXZ")  # a closed answer set; each is one token
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: one thread is ~10x faster than two fighting over the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def recall_conversations(n: int, seed: int) -> list[dict]:
-    """The answer (a code) is only in the history: with recent_messages=1 the read context holds just the question."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        code = rng.choice(CODES)
-        messages = [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": f"The code is {code}."},
-            {"role": "assistant", "content": "OK."},
-            {"role": "user", "content": "What is the code?"},
-            {"role": "assistant", "content": code},
-        ]
-        rows.append({"messages": messages})
-    return rows
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def base_model(seed: int = 0, **overrides):

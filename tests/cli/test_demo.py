@@ -1,6 +1,6 @@
 """``deltamem demo`` end to end on a tiny random model (seconds): the curriculum, the files and results.json's schema.
 
-The real SmolLM2 run is tests/test_demo_real_model.py; here ``load_base_model`` returns a tiny Llama with SmolLM2's
+The real SmolLM2 run is tests/cli/test_demo_real_model.py; here ``load_base_model`` returns a tiny Llama with SmolLM2's
 chat template, and training stops after a few steps, so only the plumbing is under test, not recall: the untrained
 model misses the greedy and session targets, so the demo must exit with status 1 and list them. The targets
 themselves are tested on crafted system summaries.
@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from chat_fixtures import smollm2_tokenizer
-from tiny_models import tiny_model_for
 
 import peft_deltamem.demo
 import peft_deltamem.models
@@ -20,6 +18,8 @@ from peft_deltamem import cli
 from peft_deltamem.demo import GREEDY_EXACT_MATCH_BAR, check_targets, failed_targets, main
 from peft_deltamem.evaluation.scoring import contains_match
 from peft_deltamem.training.timed import curriculum_stages
+from tests.helpers.chat_fixtures import smollm2_tokenizer
+from tests.helpers.tiny_models import tiny_model_for
 
 SYSTEMS = ("no_history", "full_history", "bm25", "deltamem", "deltamem_empty_memory", "deltamem_other_memory")
 GREEDY = f"deltamem greedy exact match >= {GREEDY_EXACT_MATCH_BAR:g}"

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 from peft import get_peft_model
-from tiny_models import qwen3_4b_on_meta
 
 from peft_deltamem import DeltaMemConfig
 from peft_deltamem.cli import main as cli_main
 from peft_deltamem.train import RecipeError, main, parse_recipe
+from tests.helpers import ROOT
+from tests.helpers.tiny_models import qwen3_4b_on_meta
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = ROOT / "recipes"
 PUBLISHED = sorted(p for p in RECIPES.glob("*/*.yaml") if p.parent.name not in ("accelerate", "smollm2-135m"))
 VARIANTS = {"tsw": ("token", 1), "ssw": ("message", 1), "msw": ("token", 4)}
 CPU = ["--use_cpu", "true"]  # bf16 recipes only validate on a CPU-only machine with use_cpu
@@ -146,8 +147,8 @@ def test_bad_command_line_values_name_the_command_line(tmp_path) -> None:
 
 
 def test_bad_data_gives_one_line_naming_the_file_and_row(tmp_path, capsys) -> None:
-    from chat_fixtures import smollm2_tokenizer
-    from tiny_models import tiny_model
+    from tests.helpers.chat_fixtures import smollm2_tokenizer
+    from tests.helpers.tiny_models import tiny_model
 
     model_dir = tmp_path / "model"
     tiny_model("llama").save_pretrained(model_dir)

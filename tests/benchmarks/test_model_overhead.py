@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from bench_helpers import load_benchmark, run_benchmark
+
+from tests.helpers.benchmarks import load_benchmark, run_benchmark
 
 
 def _check_common(data: dict, returned: dict, name: str, out: Path) -> None:

@@ -6,10 +6,10 @@ import copy
 
 import torch
 from peft import get_peft_model
-from tiny_models import random_ids, tiny_model
 
 from peft_deltamem import DeltaMemAttention, DeltaMemConfig, MemoryState
 from peft_deltamem.context import active_layers
+from tests.helpers.tiny_models import random_ids, tiny_model
 
 
 def _layers_written(model, ids) -> list[str]:

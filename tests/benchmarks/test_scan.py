@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from bench_helpers import load_benchmark, run_benchmark
+
+from tests.helpers.benchmarks import load_benchmark, run_benchmark
 
 
 def test_scan_smoke_writes_expected_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,9 +8,7 @@ import json
 
 import pytest
 import torch
-from chat_fixtures import smollm2_tokenizer
 from peft import get_peft_model
-from tiny_models import randomize_adapter, tiny_model, tiny_model_for
 
 from peft_deltamem import DeltaMemConfig, MemoryState
 from peft_deltamem.evaluation import load_locomo, make_ladder
@@ -26,6 +24,8 @@ from peft_deltamem.evaluation.pipeline import (
     write_memories,
 )
 from peft_deltamem.evaluation.report import levels_table, markdown_table, plot_results, strip_records, write_json
+from tests.helpers.chat_fixtures import smollm2_tokenizer
+from tests.helpers.tiny_models import randomize_adapter, tiny_model, tiny_model_for
 
 FAST = dict(batch_size=4, progress=False, n_resamples=200, max_new_tokens=3)
 
@@ -270,10 +270,8 @@ def test_reports(l1_result, tmp_path) -> None:
 def test_cli_eval_recall_and_locomo(tokenizer, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from peft_deltamem.cli import COMMANDS
     from peft_deltamem.cli_eval import TRAINING_INFO_FILE, main
 
-    assert COMMANDS["eval"] == "peft_deltamem.cli_eval:main"
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
     tiny_model("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).save_pretrained(base_dir)
     copy.deepcopy(tokenizer).save_pretrained(base_dir)

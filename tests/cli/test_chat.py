@@ -15,10 +15,9 @@ from transformers import AutoModelForCausalLM
 
 from peft_deltamem import DeltaMemConfig
 from peft_deltamem.cli_chat import main
-from tests.chat_fixtures import qwen3_tokenizer
-from tests.tiny_models import randomize_adapter, tiny_model
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+from tests.helpers.chat_fixtures import qwen3_tokenizer
+from tests.helpers.tiny_models import randomize_adapter, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import peft_deltamem.session as session_module
 from peft_deltamem import DeltaMemConfig, MemoryState
 from peft_deltamem.segments import encode_conversation
 from peft_deltamem.session import AdapterMismatchError, MemorySession
-from tests.chat_fixtures import llama3_tokenizer, qwen3_tokenizer, sample_conversation
-from tests.tiny_models import randomize_adapter, tiny_model
+from tests.helpers.chat_fixtures import llama3_tokenizer, qwen3_tokenizer, sample_conversation
+from tests.helpers.tiny_models import randomize_adapter, tiny_model
 
 GREEDY = {"max_new_tokens": 5, "do_sample": False}
 QUESTION = "What is the name of my cat?"

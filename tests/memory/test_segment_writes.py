@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import get_peft_model
-from tiny_models import random_ids, tiny_model
 
 from peft_deltamem import DeltaMemConfig, MemoryState
 from peft_deltamem._compat import cache_kwargs, output_cache
+from tests.helpers.tiny_models import random_ids, tiny_model
 
 # Two rows; ids -1 are not written (e.g. a system prompt), messages 0..2, row 1 is left-padded.
 SEGMENTS = torch.tensor(

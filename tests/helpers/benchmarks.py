@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def load_benchmark(name: str):

@@ -24,25 +24,19 @@ from peft import (
     set_peft_model_state_dict,
 )
 from safetensors.torch import load_file
-from tiny_models import random_ids, randomize_adapter, tiny_model
 from transformers import AutoModelForCausalLM
 
 from peft_deltamem import DeltaMemAttention, DeltaMemConfig, MemoryState
 from peft_deltamem.checkpointing import ExactCheckpoint
 from peft_deltamem.ops import delta_rule_scan
+from tests.helpers.tiny_models import random_ids, randomize_adapter, tiny_model
 
 ARCHS = ["llama", "qwen3", "gemma3"]
 ALL_HEADS = ["q", "k", "v", "o"]
 HISTORY, QUESTION = random_ids(2, 9, seed=11), random_ids(2, 5, seed=12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy shared machine extra threads make them many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def adapted(arch: str = "qwen3", seed: int = 0, adapter_name: str = "default", **config) -> PeftModel:

@@ -9,13 +9,13 @@ import pytest
 import torch
 import transformers
 from peft import get_peft_model
-from tiny_models import random_ids, randomize_adapter, tiny_model
 from transformers import DynamicCache
 
 import peft_deltamem.context as context_module
 from peft_deltamem import DeltaMemConfig, MemoryState
 from peft_deltamem._compat import CACHE_KEYWORDS, cache_keyword
 from peft_deltamem.generation import MemoryCache
+from tests.helpers.tiny_models import random_ids, randomize_adapter, tiny_model
 
 NEW_TOKENS = 6
 

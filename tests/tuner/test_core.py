@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
-from tiny_models import ARCHITECTURES, qwen3_4b_on_meta, random_ids, randomize_adapter, tiny_model
 
 from peft_deltamem import DeltaMemAttention, DeltaMemConfig, MemoryState
 from peft_deltamem._compat import cache_kwargs, output_cache
 from peft_deltamem.config import DELTA_HEAD_INITS
+from tests.helpers.tiny_models import ARCHITECTURES, qwen3_4b_on_meta, random_ids, randomize_adapter, tiny_model
 
 ALL_HEADS = dict(delta_heads=["q", "k", "v", "o"])
 

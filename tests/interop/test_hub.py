@@ -12,15 +12,14 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import yaml
-from fake_hub import FakeHub
 
 from peft_deltamem.hub import render_model_card, summarize_directory
+from tests.helpers import ROOT
+from tests.helpers.fake_hub import FakeHub
 
-ROOT = Path(__file__).resolve().parents[1]
 BASE_NAME = "tiny-org/tiny-qwen3"
 RESULTS = {"ladder": {"L1": {"accuracy": 0.9125, "ci95": [0.88, 0.94]}, "L5": {"accuracy": 0.41}}, "n": 200}
 
@@ -31,7 +30,7 @@ CLIENT = textwrap.dedent(
     import peft_deltamem
     from huggingface_hub import HfApi
     from peft import PeftModel, get_peft_model
-    from tiny_models import random_ids, tiny_model
+    from tests.helpers.tiny_models import random_ids, tiny_model
     from peft_deltamem import DeltaMemConfig, MemoryState
     from peft_deltamem.convert import convert_reference_adapter, export_reference_adapter
     from peft_deltamem.hub import push_adapter_to_hub
@@ -97,7 +96,7 @@ def pushed(tmp_path_factory):
             HF_TOKEN="hf_fake_token_for_the_fake_hub",
             HF_HUB_DISABLE_TELEMETRY="1",
             HF_HUB_DISABLE_XET="1",
-            PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+            PYTHONPATH=str(ROOT),
         )
         run = subprocess.run(
             [sys.executable, "-c", CLIENT, str(results), str(tmp)],

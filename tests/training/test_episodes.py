@@ -7,12 +7,12 @@ import logging
 
 import pytest
 import torch
-from chat_fixtures import qwen3_tokenizer, sample_conversation, smollm2_tokenizer
 
 from peft_deltamem.segments import encode_conversation
 from peft_deltamem.training.collator import DeltaMemEpisodeCollator
 from peft_deltamem.training.data import DataError, check_conversation, load_conversations
 from peft_deltamem.training.episodes import IGNORE_INDEX, EpisodeOptions, build_episodes
+from tests.helpers.chat_fixtures import qwen3_tokenizer, sample_conversation, smollm2_tokenizer
 
 TOK = smollm2_tokenizer()
 SYS, U0, A0, U1, A1, U2, A2 = sample_conversation()

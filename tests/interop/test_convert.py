@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from tiny_models import random_ids, randomize_adapter, tiny_model
 
 from peft_deltamem import DeltaMemConfig, MemoryState
 from peft_deltamem.cli_convert import main as convert_main
@@ -26,6 +25,7 @@ from peft_deltamem.convert import (
     convert_reference_adapter,
     export_reference_adapter,
 )
+from tests.helpers.tiny_models import random_ids, randomize_adapter, tiny_model
 
 HEADS = ("q", "k", "v", "o")
 # Fields of the upstream config dump that this package does not use, plus some it has never heard of.

@@ -1,6 +1,6 @@
 """Run under ``torchrun`` by test_training_distributed: train from a recipe, then save this rank's adapter weights.
 
-Usage: ``torchrun --nproc_per_node 2 tests/distributed_worker.py OUT_DIR RECIPE.yaml [--key value ...]``.
+Usage: ``torchrun --nproc_per_node 2 tests/helpers/distributed_worker.py OUT_DIR RECIPE.yaml [--key value ...]``.
 """
 
 from __future__ import annotations

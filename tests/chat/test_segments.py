@@ -18,8 +18,8 @@ from peft_deltamem.segments import (
     split_sentences,
     validate_messages,
 )
-from tests import chat_fixtures as cf
-from tests.chat_fixtures import (
+from tests.helpers import chat_fixtures as cf
+from tests.helpers.chat_fixtures import (
     VOCAB_SIZE,
     llama3_tokenizer,
     plain_tokenizer,

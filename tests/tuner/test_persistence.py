@@ -12,9 +12,9 @@ import pytest
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from tiny_models import random_ids, randomize_adapter, tiny_model
 
 from peft_deltamem import DeltaMemConfig, MemoryState
+from tests.helpers.tiny_models import random_ids, randomize_adapter, tiny_model
 
 HISTORY, QUESTION = random_ids(2, 9, seed=11), random_ids(2, 5, seed=12)
 

@@ -40,7 +40,7 @@ fixture                   chat template                                         
 Note: SmolLM3 is often described as "Llama-3 style" because its vocabulary is Llama-3's, but its chat template uses
 ``<|im_start|>``/``<|im_end|>`` markers; the Llama-3 header format is covered by ``llama3_tokenizer``.
 
-Common properties of every fixture (checked in ``tests/test_segments.py``):
+Common properties of every fixture (checked in ``tests/chat/test_segments.py``):
 
 * ``len(tok) == tok.vocab_size == VOCAB_SIZE`` (512): the special and added tokens live at the END of the model
   vocabulary (ids ``VOCAB_SIZE - n .. VOCAB_SIZE - 1``, as in real Qwen/Llama tokenizers), so a tiny model config can

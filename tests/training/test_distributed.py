@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from chat_fixtures import smollm2_tokenizer
 from peft import PeftModel
 from safetensors.torch import load_file
-from test_training import recall_conversations
-from tiny_models import tiny_model
 
 import peft_deltamem  # noqa: F401  (registers the δ-mem PEFT type for from_pretrained)
+from tests.helpers.chat_fixtures import smollm2_tokenizer
+from tests.helpers.recall import recall_conversations
+from tests.helpers.tiny_models import tiny_model
 
-WORKER = Path(__file__).with_name("distributed_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "helpers" / "distributed_worker.py"
 
 
 def _free_port() -> int:

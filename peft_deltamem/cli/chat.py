@@ -21,7 +21,8 @@ from typing import Any, TextIO
 
 from transformers import TextStreamer
 
-from .session import MemorySession
+from ..session import MemorySession
+from ._args import ArgumentParser
 
 COMMANDS = {
     "/save DIR": "save memory, transcript and adapter identity to DIR",
@@ -48,7 +49,7 @@ class _PrintStreamer(TextStreamer):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``deltamem chat``."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="deltamem chat",
         description="Chat with a δ-mem adapter: old turns live in the memory, not in the prompt.",
         epilog="Commands: " + "; ".join(f"{k}: {v}" for k, v in COMMANDS.items()),
@@ -86,7 +87,7 @@ def load_model(adapter: str, base: str | None, device: str | None) -> tuple[Any,
     import torch
     from peft import PeftConfig, PeftModel
 
-    from .models import load_pretrained, resolve_base_model
+    from ..models import load_pretrained, resolve_base_model
 
     config = PeftConfig.from_pretrained(adapter)
     base = base or config.base_model_name_or_path

@@ -13,12 +13,13 @@ import sys
 import warnings
 from typing import TextIO
 
-from .convert import ReferenceConfigWarning, ReferenceFormatError, convert_reference_adapter, export_reference_adapter
+from ..convert import ReferenceConfigWarning, ReferenceFormatError, convert_reference_adapter, export_reference_adapter
+from ._args import ArgumentParser
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``deltamem convert``."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="deltamem convert",
         description="Convert a reference-format δ-mem adapter (delta_mem_config.json + delta_mem_adapter.pt) into a "
         "PEFT adapter directory, or with --to-reference the other way.",

@@ -19,10 +19,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._io import write_text_atomic
-from .cli_eval import TRAINING_INFO_FILE, parse_levels
-from .evaluation.pipeline import EvalSettings
-from .training.timed import DEFAULT_RECIPE, curriculum_stages, level_fact_types, load_recipe, train_curriculum
+from .._io import write_text_atomic
+from ..evaluation.pipeline import EvalSettings
+from ..training.timed import DEFAULT_RECIPE, curriculum_stages, level_fact_types, load_recipe, train_curriculum
+from ._args import ArgumentParser, parse_levels
+from .eval import TRAINING_INFO_FILE
 
 # ------------------------------------------------------------------------------------------------------- the demo
 
@@ -40,8 +41,8 @@ def session_exchange(model: Any, tokenizer: Any, value: str = "purple") -> dict[
     """A short :class:`~peft_deltamem.session.MemorySession` chat: the early turns (a fact, then small talk) are written
     into memory, and the question is answered from a prompt that holds the question alone. The base model (adapter
     disabled) gets the same prompt for comparison. Returns the transcript and whether the answer was right."""
-    from .evaluation.scoring import contains_match
-    from .session import MemorySession
+    from ..evaluation.scoring import contains_match
+    from ..session import MemorySession
 
     history = [{**m, "content": m["content"].format(value=value)} for m in SESSION_SCRIPT]
     session = MemorySession(model, tokenizer, keep_last=0)
@@ -107,7 +108,7 @@ def failed_targets(targets: Mapping[str, bool]) -> list[str]:
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="deltamem demo",
         description="Train a δ-mem adapter on SmolLM2-135M-Instruct on CPU and evaluate it (memory-only protocol).",
         epilog="Exit status 1 when a target is missed (forced choice, greedy exact match from memory only, or the "
@@ -171,7 +172,7 @@ def evaluate_levels(
     seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """The memory-only protocol on the test split of every level in ``levels``: ``{"L1": result, ...}``."""
-    from .evaluation.pipeline import evaluate_recall
+    from ..evaluation.pipeline import evaluate_recall
 
     results = {}
     for level in levels:
@@ -188,9 +189,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
-    from .evaluation.ladder import make_ladder
-    from .evaluation.report import levels_table, markdown_table, plot_results, plot_training_curve, write_json
-    from .models import load_base_model
+    from ..evaluation.ladder import make_ladder
+    from ..evaluation.report import levels_table, markdown_table, plot_results, plot_training_curve, write_json
+    from ..models import load_base_model
 
     started = time.perf_counter()
     output = Path(args.output)

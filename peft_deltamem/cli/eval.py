@@ -24,21 +24,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._io import write_text_atomic
-from .evaluation.pipeline import BASE_SYSTEMS, SYSTEMS, EvalSettings
+from .._io import write_text_atomic
+from ..evaluation.pipeline import BASE_SYSTEMS, SYSTEMS, EvalSettings
+from ._args import ArgumentParser, parse_levels
 
 TRAINING_INFO_FILE = "deltamem_training.json"
-
-
-def parse_levels(text: str) -> list[int]:
-    """Ladder levels from ``"1,2,3"`` (an ``argparse`` type: a bad value is a usage error)."""
-    try:
-        levels = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"levels must be comma-separated integers 1-5, got {text!r}") from None
-    if not levels or any(level not in range(1, 6) for level in levels):
-        raise argparse.ArgumentTypeError(f"levels must be in 1-5, got {text!r}")
-    return levels
 
 
 def _common(parser: argparse.ArgumentParser, *, max_new_tokens: int, bm25_k: int) -> None:
@@ -63,7 +53,7 @@ def _common(parser: argparse.ArgumentParser, *, max_new_tokens: int, bm25_k: int
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``deltamem eval`` argument parser (subcommands ``recall`` and ``locomo``)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="deltamem eval", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="benchmark", required=True)
@@ -94,7 +84,7 @@ def write_pass_reads(choice: str, adapter: str | None) -> bool:
 
 def load_models(base: str, adapter: str | None) -> tuple[Any, Any]:
     """The base model (resolved offline if need be) with the adapter loaded if given; eval mode."""
-    from .models import load_base_model
+    from ..models import load_base_model
 
     model, tokenizer = load_base_model(base)
     if adapter:
@@ -127,7 +117,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
 
 def save_report(results: dict[str, dict], output: str | Path, title: str) -> str:
     """Write ``results.json`` (summaries), ``records.json``, ``results.md`` and ``results.png``; returns the markdown."""
-    from .evaluation.report import group_table, levels_table, markdown_table, plot_results, strip_records, write_json
+    from ..evaluation.report import group_table, levels_table, markdown_table, plot_results, strip_records, write_json
 
     output = Path(output)
     write_json({label: strip_records(r) for label, r in results.items()}, output / "results.json")
@@ -155,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"deltamem eval: error: {err}", file=sys.stderr)
         return 2
     if args.benchmark == "locomo":
-        from .evaluation.locomo import LocomoFormatError, load_locomo
+        from ..evaluation.locomo import LocomoFormatError, load_locomo
 
         try:
             samples = load_locomo(args.data)
@@ -164,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     model, tokenizer = load_models(args.base, args.adapter)
     if args.benchmark == "recall":
-        from .evaluation.pipeline import evaluate_recall
+        from ..evaluation.pipeline import evaluate_recall
 
         fact_types = tuple(args.fact_types.split(",")) if args.fact_types else None
         results = {}
@@ -181,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         title = "Recall ladder, memory-only protocol"
     else:
-        from .evaluation.pipeline import evaluate_locomo
+        from ..evaluation.pipeline import evaluate_locomo
 
         settings.forced_choice = True  # LoCoMo has no answer sets: this scores the gold answer (own-vs-other gap)
         results = {

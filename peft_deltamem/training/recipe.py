@@ -1,19 +1,7 @@
-"""Train a δ-mem adapter from a recipe: ``deltamem train CONFIG.yaml [--key value ...]``.
+"""Recipes: a YAML file plus ``--key value`` overrides parsed into TRL's arguments and a :class:`DeltaMemConfig`.
 
-Also ``python -m peft_deltamem.train CONFIG.yaml ...`` and, for several processes,
-``accelerate launch [--config_file recipes/accelerate/ddp.yaml] -m peft_deltamem.train CONFIG.yaml ...``.
-
-The YAML file is read with TRL's argument parser, so its flat fields are those of TRL's ``ScriptArguments``
-(``dataset_name``, ``dataset_config``, ``dataset_train_split``, ``dataset_test_split``), of
-:class:`~peft_deltamem.training.DeltaMemSFTConfig` (every ``SFTConfig`` / ``TrainingArguments`` field plus the episode
-settings) and of TRL's ``ModelConfig`` (``model_name_or_path``, ``dtype``, ``attn_implementation``, ...; its LoRA
-fields are ignored). The adapter is a ``deltamem:`` block of :class:`~peft_deltamem.DeltaMemConfig` fields, or the
-same fields flat when their names are not taken. An ``env:`` block sets environment variables.
-
-``--key value`` on the command line overrides any of them; adapter fields as ``--deltamem.r 16`` (or ``--r 16``), with
-YAML syntax for the value (``--deltamem.delta_heads "[q, o]"``). ``dataset_name`` is a ``.json`` / ``.jsonl`` file of
-``{"messages": [...]}`` rows, a directory written by ``Dataset.save_to_disk`` or a ``datasets`` name. A wrong field
-or value, or malformed data, ends with one error line naming the file, the field or the row (exit status 2).
+``deltamem train`` (:mod:`peft_deltamem.cli.train`) runs them; :func:`parse_recipe` and :func:`run` are the library
+side. The fields a recipe may set, and how, are described in :mod:`peft_deltamem.cli.train`.
 """
 
 from __future__ import annotations
@@ -22,16 +10,13 @@ import dataclasses
 import difflib
 import os
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from .config import DeltaMemConfig
-
-USAGE = "usage: deltamem train CONFIG.yaml [--key value ...]   (python -m peft_deltamem.train CONFIG.yaml ...)"
+from ..config import DeltaMemConfig
 
 # PEFT bookkeeping fields that a recipe does not set.
 _ADAPTER_FIELDS = frozenset(f.name for f in dataclasses.fields(DeltaMemConfig) if f.init) - {"peft_type"}
@@ -104,7 +89,7 @@ def _split_adapter_args(args: list[str], flat: set[str]) -> tuple[list[str], dic
 def _parser():
     from trl import ModelConfig, ScriptArguments, TrlParser
 
-    from .training import DeltaMemSFTConfig
+    from .trainer import DeltaMemSFTConfig
 
     class _Parser(TrlParser):
         def error(self, message: str):  # argparse prints the usage and exits; one line is clearer
@@ -192,7 +177,7 @@ def parse_recipe(argv: Sequence[str]) -> Recipe:
 
 
 def _load_data(recipe: Recipe, split: str):
-    from .training import load_conversations
+    from .data import load_conversations
 
     name = recipe.script.dataset_name
     if not name:
@@ -210,8 +195,8 @@ def run(recipe: Recipe):
     from accelerate import PartialState
     from transformers import AutoTokenizer
 
-    from .models import resolve_base_model
-    from .training import DeltaMemSFTTrainer
+    from ..models import resolve_base_model
+    from .trainer import DeltaMemSFTTrainer
 
     args, model_args = recipe.training, recipe.model
     if not model_args.model_name_or_path:
@@ -243,24 +228,3 @@ def run(recipe: Recipe):
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     return trainer
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``deltamem train``; returns the exit status (2 with one error line for a bad recipe or data)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(f"{USAGE}\n\n{__doc__.split(chr(10), 2)[2].strip()}", file=sys.stdout if argv else sys.stderr)
-        return 0 if argv else 2
-    from .models import ModelResolutionError
-    from .training import DataError
-
-    try:
-        run(parse_recipe(argv))
-    except (RecipeError, DataError, ModelResolutionError) as err:
-        print(f"deltamem train: error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

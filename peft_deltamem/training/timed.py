@@ -1,6 +1,6 @@
 """Train a δ-mem adapter within a time budget, with a training-time probe curve and a level curriculum.
 
-The training half of ``deltamem demo`` (:mod:`peft_deltamem.demo`), usable on its own: :func:`train_adapter` runs
+The training half of ``deltamem demo`` (:mod:`peft_deltamem.cli.demo`), usable on its own: :func:`train_adapter` runs
 :class:`~peft_deltamem.training.DeltaMemSFTTrainer` with a recipe (``deltamem train`` format) for at most some minutes
 (:class:`TimeBudgetCallback`), probing own- vs other-memory accuracy on held-out conversations as it goes
 (:class:`ProbeCallback`); :func:`train_curriculum` chains such runs over recall-ladder levels
@@ -171,8 +171,8 @@ def ladder_dataset(levels: Sequence[int], n: int, *, seed: int = 0, fact_types: 
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Any:
-    """Parse a training recipe (``deltamem train`` format) with ``--key value`` overrides; a :class:`~peft_deltamem.train.Recipe`."""
-    from ..train import parse_recipe
+    """Parse a training recipe (``deltamem train`` format) with ``--key value`` overrides; a :class:`~peft_deltamem.training.recipe.Recipe`."""
+    from .recipe import parse_recipe
 
     if not Path(path).is_file():
         raise FileNotFoundError(

@@ -14,7 +14,7 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
 from peft_deltamem import DeltaMemConfig
-from peft_deltamem.cli_chat import main
+from peft_deltamem.cli.chat import main
 from tests.helpers import ROOT
 from tests.helpers.chat_fixtures import qwen3_tokenizer
 from tests.helpers.tiny_models import randomize_adapter, tiny_model
@@ -45,7 +45,7 @@ def chat_in_process(adapter_dir: Path, script: str, *extra: str) -> tuple[int, s
 def chat_in_fresh_process(adapter_dir: Path, script: str) -> subprocess.CompletedProcess:
     """Run ``deltamem chat`` in a fresh Python process with ``script`` on stdin (not a TTY)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "peft_deltamem.cli_chat", "--adapter", str(adapter_dir), "--max-new-tokens", "6"]
+    command = [sys.executable, "-m", "peft_deltamem.cli.chat", "--adapter", str(adapter_dir), "--max-new-tokens", "6"]
     return subprocess.run(command, input=script, capture_output=True, text=True, encoding="utf-8", env=env, timeout=300)
 
 

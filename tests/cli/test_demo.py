@@ -12,10 +12,10 @@ import json
 
 import pytest
 
-import peft_deltamem.demo
+import peft_deltamem.cli.demo
 import peft_deltamem.models
 from peft_deltamem import cli
-from peft_deltamem.demo import GREEDY_EXACT_MATCH_BAR, check_targets, failed_targets, main
+from peft_deltamem.cli.demo import GREEDY_EXACT_MATCH_BAR, check_targets, failed_targets, main
 from peft_deltamem.evaluation.scoring import contains_match
 from peft_deltamem.training.timed import curriculum_stages
 from tests.helpers.chat_fixtures import smollm2_tokenizer
@@ -126,14 +126,14 @@ def _fake_run_demo(targets: dict[str, bool]):
 
 def test_main_exits_non_zero_and_lists_the_missed_targets(monkeypatch: pytest.MonkeyPatch, capsys, tmp_path) -> None:
     targets = check_targets(_good_systems(), _session("white"))
-    monkeypatch.setattr(peft_deltamem.demo, "run_demo", _fake_run_demo(targets))
+    monkeypatch.setattr(peft_deltamem.cli.demo, "run_demo", _fake_run_demo(targets))
     output = str(tmp_path / "out")
     assert main(["--output", output]) == 1
     assert cli.main(["demo", "--output", output]) == 1  # `deltamem demo` passes the status on
     err = capsys.readouterr().err
     assert "1 target(s) not met" in err and f"  - {SESSION}" in err
 
-    monkeypatch.setattr(peft_deltamem.demo, "run_demo", _fake_run_demo(check_targets(_good_systems())))
+    monkeypatch.setattr(peft_deltamem.cli.demo, "run_demo", _fake_run_demo(check_targets(_good_systems())))
     assert main(["--output", output]) == 0
     assert cli.main(["demo", "--output", output]) == 0
     assert capsys.readouterr().err == ""

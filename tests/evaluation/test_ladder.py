@@ -137,18 +137,3 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="split"):
         make_ladder(1, 1, seed=0, split="dev")
     assert make_ladder(1, 0, seed=0) == []
-
-
-def test_ladder_data_cli_writes_the_generator_s_records(tmp_path, capsys):
-    import json
-
-    from peft_deltamem.training.ladder_data import main
-
-    out = tmp_path / "data" / "l1.jsonl"
-    assert main(["--level", "1", "--n", "20", "--fact-types", "colour", "--out", str(out)]) == 0
-    records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert records == make_ladder(1, 20, seed=0, fact_types=("colour",))
-    assert "wrote 20 L1 train conversations" in capsys.readouterr().out
-    with pytest.raises(SystemExit):  # a bad fact type is a usage error, and nothing is written
-        main(["--level", "1", "--n", "5", "--fact-types", "name", "--out", str(tmp_path / "bad.jsonl")])
-    assert not (tmp_path / "bad.jsonl").exists()

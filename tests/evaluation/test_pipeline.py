@@ -270,7 +270,7 @@ def test_reports(l1_result, tmp_path) -> None:
 def test_cli_eval_recall_and_locomo(tokenizer, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from peft_deltamem.cli_eval import TRAINING_INFO_FILE, main
+    from peft_deltamem.cli.eval import TRAINING_INFO_FILE, main
 
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
     tiny_model("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).save_pretrained(base_dir)

@@ -10,7 +10,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from peft_deltamem.train import parse_recipe, run
+from peft_deltamem.training.recipe import parse_recipe, run
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel, get_peft_model
 
 from peft_deltamem import DeltaMemConfig, MemoryState
-from peft_deltamem.cli_convert import main as convert_main
+from peft_deltamem.cli.convert import main as convert_main
 from peft_deltamem.convert import (
     REFERENCE_CONFIG_NAME,
     REFERENCE_WEIGHTS_NAME,

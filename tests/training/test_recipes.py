@@ -11,7 +11,8 @@ from peft import get_peft_model
 
 from peft_deltamem import DeltaMemConfig
 from peft_deltamem.cli import main as cli_main
-from peft_deltamem.train import RecipeError, main, parse_recipe
+from peft_deltamem.cli.train import main
+from peft_deltamem.training.recipe import RecipeError, parse_recipe
 from tests.helpers import ROOT
 from tests.helpers.tiny_models import qwen3_4b_on_meta
 

@@ -1,0 +1,5 @@
+"""Deprecated: moved to ``peft_deltamem.cli.train`` (this path goes away in the next release)."""
+
+from peft_deltamem._deprecated import moved
+
+moved(__name__, "peft_deltamem.cli.train")

@@ -97,7 +97,7 @@ def load_base(smoke: bool, model: str = MODEL) -> torch.nn.Module:
 
         torch.manual_seed(0)
         return tf.LlamaForCausalLM(tf.LlamaConfig(**SMOKE_MODEL)).eval()
-    from peft_deltamem.models import load_base_model
+    from peft_deltamem.interop.base_models import load_base_model
 
     base, _ = load_base_model(model)
     return base.eval()

@@ -9,7 +9,7 @@ blocks rare: today only what needs a Hub account).
 return a tiny random model of the same architecture family (``tests/helpers/tiny_models.py``) and an offline tokenizer with
 that family's chat template (``tests/helpers/chat_fixtures.py``) for any name in :data:`TINY_STAND_INS`:
 
-* ``peft_deltamem.models.load_base_model``,
+* ``peft_deltamem.interop.base_models.load_base_model``,
 * ``transformers.AutoModelForCausalLM.from_pretrained``, ``AutoTokenizer.from_pretrained`` and
   ``AutoConfig.from_pretrained`` (so PEFT's ``AutoPeftModelForCausalLM`` and the converter's shape checks see the
   same tiny model);
@@ -39,7 +39,7 @@ import torch
 import transformers
 from peft import get_peft_model
 
-import peft_deltamem.models
+import peft_deltamem.interop.base_models
 from peft_deltamem import DeltaMemConfig, export_reference_adapter
 from tests.helpers.chat_fixtures import (
     VOCAB_SIZE,
@@ -113,12 +113,14 @@ def tiny_world(monkeypatch, tmp_path_factory):
     # Tiny models gain nothing from threads, and on a busy shared machine extra threads make them many times slower.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    real_load_base_model = peft_deltamem.models.load_base_model
+    real_load_base_model = peft_deltamem.interop.base_models.load_base_model
     real_smollm2 = {"on": False}
 
-    def load_base_model(name_or_path=peft_deltamem.models.SMOLLM2_REPO_ID, **kwargs):
+    def load_base_model(name_or_path=peft_deltamem.interop.base_models.SMOLLM2_REPO_ID, **kwargs):
         name = os.fspath(name_or_path)
-        if name in TINY_STAND_INS and not (real_smollm2["on"] and name == peft_deltamem.models.SMOLLM2_REPO_ID):
+        if name in TINY_STAND_INS and not (
+            real_smollm2["on"] and name == peft_deltamem.interop.base_models.SMOLLM2_REPO_ID
+        ):
             return _stand_in(name)
         return real_load_base_model(name_or_path, **kwargs)
 
@@ -132,7 +134,7 @@ def tiny_world(monkeypatch, tmp_path_factory):
 
         monkeypatch.setattr(cls, "from_pretrained", classmethod(from_pretrained))
 
-    monkeypatch.setattr(peft_deltamem.models, "load_base_model", load_base_model)
+    monkeypatch.setattr(peft_deltamem.interop.base_models, "load_base_model", load_base_model)
     patch_from_pretrained(transformers.AutoModelForCausalLM, lambda name: _stand_in(name)[0])
     patch_from_pretrained(transformers.AutoTokenizer, lambda name: _stand_in(name)[1])
     patch_from_pretrained(transformers.AutoConfig, lambda name: _stand_in(name)[0].config)

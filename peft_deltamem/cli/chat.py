@@ -87,7 +87,7 @@ def load_model(adapter: str, base: str | None, device: str | None) -> tuple[Any,
     import torch
     from peft import PeftConfig, PeftModel
 
-    from ..models import load_pretrained, resolve_base_model
+    from ..interop.base_models import load_pretrained, resolve_base_model
 
     config = PeftConfig.from_pretrained(adapter)
     base = base or config.base_model_name_or_path

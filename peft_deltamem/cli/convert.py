@@ -3,7 +3,7 @@
     deltamem convert declare-lab/delta-mem_qwen3_4b-instruct ./qwen3-tsw --base Qwen/Qwen3-4B-Instruct-2507
     deltamem convert ./my-adapter ./my-adapter-reference --to-reference
 
-See :mod:`peft_deltamem.convert` for what is checked; nothing is written to OUT unless everything passes.
+See :mod:`peft_deltamem.interop.convert` for what is checked; nothing is written to OUT unless everything passes.
 """
 
 from __future__ import annotations
@@ -13,7 +13,12 @@ import sys
 import warnings
 from typing import TextIO
 
-from ..convert import ReferenceConfigWarning, ReferenceFormatError, convert_reference_adapter, export_reference_adapter
+from ..interop.convert import (
+    ReferenceConfigWarning,
+    ReferenceFormatError,
+    convert_reference_adapter,
+    export_reference_adapter,
+)
 from ._args import ArgumentParser
 
 

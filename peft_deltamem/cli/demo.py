@@ -1,6 +1,6 @@
 """``deltamem demo``: train a δ-mem adapter on SmolLM2-135M-Instruct on a CPU in minutes and show it recall.
 
-Steps: provision the base model (offline route, :mod:`peft_deltamem.models`); generate the recall ladder's training
+Steps: provision the base model (offline route, :mod:`peft_deltamem.interop.base_models`); generate the recall ladder's training
 split; train a TSW adapter with the CPU recipe (``recipes/smollm2-135m/tsw-cpu.yaml``) for at most
 ``--train-minutes`` of wall-clock time, level by level (a curriculum), probing own- vs other-memory accuracy on a few
 held-out conversations as it goes (the training-time curve; :mod:`peft_deltamem.training.timed`); evaluate the memory-only
@@ -191,7 +191,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     from ..evaluation.ladder import make_ladder
     from ..evaluation.report import levels_table, markdown_table, plot_results, plot_training_curve, write_json
-    from ..models import load_base_model
+    from ..interop.base_models import load_base_model
 
     started = time.perf_counter()
     output = Path(args.output)

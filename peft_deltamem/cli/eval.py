@@ -84,7 +84,7 @@ def write_pass_reads(choice: str, adapter: str | None) -> bool:
 
 def load_models(base: str, adapter: str | None) -> tuple[Any, Any]:
     """The base model (resolved offline if need be) with the adapter loaded if given; eval mode."""
-    from ..models import load_base_model
+    from ..interop.base_models import load_base_model
 
     model, tokenizer = load_base_model(base)
     if adapter:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from ..models import ModelResolutionError
+from ..interop.base_models import ModelResolutionError
 from ..training.data import DataError
 from ..training.recipe import Recipe, RecipeError, parse_recipe, run
 

@@ -195,7 +195,7 @@ def run(recipe: Recipe):
     from accelerate import PartialState
     from transformers import AutoTokenizer
 
-    from ..models import resolve_base_model
+    from ..interop.base_models import resolve_base_model
     from .trainer import DeltaMemSFTTrainer
 
     args, model_args = recipe.training, recipe.model

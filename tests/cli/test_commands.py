@@ -45,24 +45,6 @@ def test_flags_take_both_spellings() -> None:
         parser.parse_args(["--max_new_token", "1"])  # not an option in either spelling
 
 
-@pytest.mark.parametrize(
-    ("old", "new"),
-    [
-        ("peft_deltamem.cli_chat", "peft_deltamem.cli.chat"),
-        ("peft_deltamem.cli_convert", "peft_deltamem.cli.convert"),
-        ("peft_deltamem.cli_eval", "peft_deltamem.cli.eval"),
-        ("peft_deltamem.demo", "peft_deltamem.cli.demo"),
-        ("peft_deltamem.train", "peft_deltamem.cli.train"),
-    ],
-)
-def test_old_module_paths_still_import_with_a_deprecation_warning(old, new) -> None:
-    sys.modules.pop(old, None)
-    with pytest.warns(DeprecationWarning, match=new):
-        module = importlib.import_module(old)
-    assert module is importlib.import_module(new)
-    sys.modules.pop(old, None)
-
-
 def test_old_python_m_entry_point_runs_the_new_command(tmp_path) -> None:
     out = tmp_path / "l1.jsonl"
     command = [sys.executable, "-W", "error::DeprecationWarning", "-m", "peft_deltamem.training.ladder_data"]

@@ -38,7 +38,7 @@ OVERRIDES = ["--max_steps", str(STEPS), "--disable_tqdm", "true", "--logging_ste
 
 
 def test_training_on_l1_makes_the_own_memory_beat_another_conversations_memory(tmp_path) -> None:
-    from peft_deltamem.models import load_base_model
+    from peft_deltamem.interop.base_models import load_base_model
     from peft_deltamem.training.timed import DEFAULT_RECIPE, ladder_dataset, load_recipe, train_adapter
 
     torch.manual_seed(0)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_deltamem import models
-from peft_deltamem.models import (
+from peft_deltamem.interop import base_models as models
+from peft_deltamem.interop.base_models import (
     SMOLLM2_CHAT_TEMPLATE,
     SMOLLM2_REPO_ID,
     ModelResolutionError,

@@ -17,7 +17,7 @@ from peft import PeftModel, get_peft_model
 
 from peft_deltamem import DeltaMemConfig, MemoryState
 from peft_deltamem.cli.convert import main as convert_main
-from peft_deltamem.convert import (
+from peft_deltamem.interop.convert import (
     REFERENCE_CONFIG_NAME,
     REFERENCE_WEIGHTS_NAME,
     ReferenceConfigWarning,

@@ -16,7 +16,7 @@ import textwrap
 import pytest
 import yaml
 
-from peft_deltamem.hub import render_model_card, summarize_directory
+from peft_deltamem.interop.hub import render_model_card, summarize_directory
 from tests.helpers import ROOT
 from tests.helpers.fake_hub import FakeHub
 
@@ -32,8 +32,8 @@ CLIENT = textwrap.dedent(
     from peft import PeftModel, get_peft_model
     from tests.helpers.tiny_models import random_ids, tiny_model
     from peft_deltamem import DeltaMemConfig, MemoryState
-    from peft_deltamem.convert import convert_reference_adapter, export_reference_adapter
-    from peft_deltamem.hub import push_adapter_to_hub
+    from peft_deltamem.interop.convert import convert_reference_adapter, export_reference_adapter
+    from peft_deltamem.interop.hub import push_adapter_to_hub
 
     def base():
         model = tiny_model("qwen3")
@@ -183,7 +183,7 @@ def test_model_card_parameter_count(pushed, tmp_path):
 )
 def test_write_strategy_tag(tmp_path, granularity, heads, tag):
     from peft_deltamem import DeltaMemConfig
-    from peft_deltamem.hub import AdapterSummary
+    from peft_deltamem.interop.hub import AdapterSummary
 
     config = DeltaMemConfig(write_granularity=granularity, num_state_heads=heads, layers_to_transform=[0, 1, 2, 5])
     summary = AdapterSummary(config=config, layers=[0, 1, 2, 5], num_parameters=10, base_model="org/base", num_layers=8)

@@ -1,0 +1,28 @@
+"""Modules that moved keep their old import path for one release: same module object, with a DeprecationWarning."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+
+MOVED = {
+    "peft_deltamem.cli_chat": "peft_deltamem.cli.chat",
+    "peft_deltamem.cli_convert": "peft_deltamem.cli.convert",
+    "peft_deltamem.cli_eval": "peft_deltamem.cli.eval",
+    "peft_deltamem.demo": "peft_deltamem.cli.demo",
+    "peft_deltamem.train": "peft_deltamem.cli.train",
+    "peft_deltamem.convert": "peft_deltamem.interop.convert",
+    "peft_deltamem.hub": "peft_deltamem.interop.hub",
+    "peft_deltamem.models": "peft_deltamem.interop.base_models",
+}
+
+
+@pytest.mark.parametrize(("old", "new"), MOVED.items())
+def test_old_module_path_still_imports_with_a_deprecation_warning(old, new) -> None:
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=new):
+        module = importlib.import_module(old)
+    assert module is importlib.import_module(new)
+    sys.modules.pop(old, None)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+from unittest import mock
 
 import pytest
 import torch
@@ -48,6 +49,7 @@ class Case:
     normalize: bool = True
     dtype: str = "float32"
     seed: int = 0
+    segment_floats: int | None = None  # chunked: cut the sequence into segments of about this many floats per tensor
 
 
 def _betas(regime: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -253,13 +255,16 @@ scan_cases = st.builds(
     normalize=st.booleans(),
     dtype=st.sampled_from(["float32", "float32", "bfloat16"]),
     seed=st.integers(0, 2**31 - 1),
+    segment_floats=st.sampled_from([None, None, 1, 300, 4000]),
 )
 
 
 def _check_chunked_matches_recurrent(case: Case) -> None:
     leaves, mask = make_inputs(case)
     before = [None if x is None else x.detach().clone() for x in leaves]
-    reads, final, grads = _loss_and_grads(chunked_delta_rule_scan, leaves, mask, case.seed, chunk_size=case.chunk)
+    segment_floats = case.segment_floats or chunked_mod.SEGMENT_FLOATS
+    with mock.patch.object(chunked_mod, "SEGMENT_FLOATS", segment_floats):
+        reads, final, grads = _loss_and_grads(chunked_delta_rule_scan, leaves, mask, case.seed, chunk_size=case.chunk)
     ref_reads, ref_final, ref_grads = _loss_and_grads(recurrent_delta_rule_scan, leaves, mask, case.seed)
     for x, x0 in zip(leaves, before, strict=True):  # inputs are not modified in place
         assert x is None or torch.equal(x, x0)
@@ -312,6 +317,61 @@ def test_chunked_keep_exactly_zero() -> None:
     for name, g, ref_g in zip(_grad_names(leaves), grads, ref_grads, strict=True):
         _assert_close(g, ref_g, 1e-4, f"grad {name}")
     assert ref_grads[3][zero].abs().max() > 1e-2  # the gradient at a zero keep is not trivially 0
+
+
+@pytest.fixture
+def segment_kinds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record which form the chunked scan takes for each segment it runs forward: "factored" or "plain"."""
+    kinds: list[str] = []
+    factored, plain = chunked_mod._factored_forward, chunked_mod._scan_segment
+
+    def spy_factored(*args, **kwargs):
+        kinds.append("factored")
+        return factored(*args, **kwargs)
+
+    def spy_plain(*args, **kwargs):
+        if torch.is_grad_enabled():  # the plain form's recomputation in the backward is not a forward segment
+            return plain(*args, **kwargs)
+        kinds.append("plain")
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(chunked_mod, "_factored_forward", spy_factored)
+    monkeypatch.setattr(chunked_mod, "_scan_segment", spy_plain)
+    return kinds
+
+
+@pytest.mark.parametrize(
+    ("regime", "shared", "expected"),
+    [
+        ("beta_near_0", False, "factored"),  # keep ≈ 1: the factored form, per-row solves
+        ("beta_near_0", True, "factored"),  # ... one solve shared by the rows
+        ("uniform", False, "factored"),
+        ("saturated", False, "plain"),  # keep = 0 somewhere: P' underflows, the plain form
+        ("beta_near_1", True, "plain"),  # keep ≤ 1e-3
+    ],
+)
+def test_chunked_factored_and_plain_forms(segment_kinds: list[str], regime: str, shared: bool, expected: str) -> None:
+    """Each form is taken where it should be, and both match the token loop (reads, state, every gradient)."""
+    case = Case(n=3, t=70, r=6, chunk=8, regime=regime, shared_gates=(shared,) * 3, mask="random", seed=21)
+    _check_chunked_matches_recurrent(case)
+    assert segment_kinds and set(segment_kinds) == {expected}
+
+
+def test_chunked_mixed_segments(segment_kinds: list[str]) -> None:
+    """Segments of one call may take different forms: a saturated keep gate in the middle of the sequence sends
+    only its segment to the plain form; the state carried across the forms and the gradients stay exact."""
+    case = Case(n=2, t=96, r=4, chunk=8, regime="beta_near_0", mode="lambda_outside", mask="random", seed=5)
+    leaves, mask = make_inputs(case)
+    with torch.no_grad():
+        leaves[3][:, 40:44] = 0.0  # keep exactly 0 on a few tokens of the second segment (32 tokens each)
+    with mock.patch.object(chunked_mod, "SEGMENT_FLOATS", 2 * 4 * 8 * 8 * 4):  # 4 chunks = 32 tokens a segment
+        reads, final, grads = _loss_and_grads(chunked_delta_rule_scan, leaves, mask, 0, chunk_size=8)
+    assert segment_kinds == ["factored", "plain", "factored"]
+    ref_reads, ref_final, ref_grads = _loss_and_grads(recurrent_delta_rule_scan, leaves, mask, 0)
+    _assert_close(reads, ref_reads, 1e-5, "reads")
+    _assert_close(final, ref_final, 1e-5, "final state")
+    for name, g, ref_g in zip(_grad_names(leaves), grads, ref_grads, strict=True):
+        _assert_close(g, ref_g, 1e-5, f"grad {name}")
 
 
 @pytest.mark.parametrize("impl", ["recurrent", "chunked"])

@@ -33,7 +33,7 @@ def delta_rule_scan(
     mask: torch.Tensor | None = None,
     *,
     impl: str = "auto",
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Read-before-write row-gated delta rule over a sequence; returns ``(reads, final_state)``.
 

@@ -13,27 +13,390 @@ Split the sequence into chunks of C tokens. Inside a chunk that starts from ``s_
     s_C    = exp(Γ_C) s_0 + Σ_j exp(Γ_C − Γ_{j+1}) u_j k_j
 
 Every ``exp(Γ_a − Γ_b)`` is the product ``Π_{b≤m<a} keep_m`` and is computed as a cumulative product (no log:
-keep = 0 is exact, gradients included). The system is linear in ``s_0``, so it is solved for all chunks at once
-*before* the states are known: ``u = u_free − W s_0`` with ``u_free = A⁻¹ (write ⊙ v)`` and
-``W = A⁻¹ diag(erase ⊙ exp Γ) K``. The chunk then maps its
-start row to its end row affinely, ``s_C = M s_0 + m``, and only that tiny r×r map per row is applied
-sequentially, once per chunk. Everything of size C×C is computed for all chunks and rows in one go.
+keep = 0 is exact, gradients included).
+
+How it is computed (per segment of whole chunks, see :func:`_scan_segment`):
+
+1. For all chunks of the segment at once: the decays, the Gram matrices ``K Kᵀ`` and ``Q Kᵀ`` (shared by all rows)
+   and the per-row system matrices ``L = diag(erase)(D ⊙ K Kᵀ)`` (one per row with rank-wise gates, one for all
+   rows when keep and erase are [N, T, 1]).
+2. Chunk by chunk (the only sequential part), from the carried state: the right-hand side ``write ⊙ v − erase ⊙
+   exp(Γ) ⊙ (K s_0ᵀ)`` for all rows with one matmul, ``u`` by one batched unit-triangular solve (one right-hand
+   side per row; with shared gates one solve whose r right-hand sides are the rows), and the next state with one
+   more matmul.
+3. For all chunks at once again: the reads, from each chunk's start state and its ``u``.
+
+Memory stays linear in T with a small constant: the per-row C×C matrices exist for one segment at a time, and the
+backward (:class:`_ChunkedScan`) stores only the state at each segment boundary and recomputes a segment's
+intermediates from it, segment by segment in reverse.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
 import torch
-import torch.nn.functional as F
+
+__all__ = ["chunked_delta_rule_scan", "default_chunk_size", "segment_tokens"]
+
+# Floats (per tensor) that one segment's per-row C×C intermediates may take: about 4 MB each, a few dozen alive
+# at once during a segment's backward.
+SEGMENT_FLOATS = 2**20
 
 
-def _to_chunks(x: torch.Tensor, n_chunks: int, chunk: int) -> torch.Tensor:
-    """[N, n_chunks·chunk, f] -> [N, n_chunks, chunk, f]."""
-    return x.reshape(x.shape[0], n_chunks, chunk, x.shape[-1])
+def default_chunk_size(n: int, t_len: int, r: int, rowwise: bool = True) -> int:
+    """The chunk size C measured fastest for a shape (docs/benchmarks.md): per token, the chunked form costs about
+    C multiply-adds per state row (the C×C solve and read) plus a fixed per-chunk overhead, so C shrinks as the
+    rows N·r grow."""
+    rows = n * r if rowwise else n
+    if rows <= 16:
+        c = 64
+    elif rows <= 128:
+        c = 32
+    else:
+        c = 16
+    return max(1, min(c, t_len))
 
 
-def _rows_first(g: torch.Tensor) -> torch.Tensor:
-    """Gate [N, nc, C, g] -> [N, nc, g, C]: one length-C sequence per state row (g = r, or 1 = shared by rows)."""
-    return g.transpose(-1, -2)
+def segment_tokens(n: int, r: int, g: int, chunk: int) -> int:
+    """Tokens per segment: a whole number of chunks whose [N, g, tokens, C] intermediates fit :data:`SEGMENT_FLOATS`."""
+    per_chunk = n * max(g, 1) * chunk * chunk
+    return chunk * max(1, SEGMENT_FLOATS // per_chunk)
+
+
+def _segments(t_len: int, chunk: int, seg: int) -> list[tuple[int, int, int]]:
+    """Split [0, T) into (start, length, chunk) pieces, each a whole number of chunks: full segments of ``seg``
+    tokens, the remaining whole chunks, then one last shorter chunk if C does not divide T (no padding)."""
+    pieces, start = [], 0
+    while t_len - start >= seg:
+        pieces.append((start, seg, chunk))
+        start += seg
+    whole = (t_len - start) // chunk * chunk
+    if whole:
+        pieces.append((start, whole, chunk))
+        start += whole
+    if t_len - start:
+        pieces.append((start, t_len - start, t_len - start))
+    return pieces
+
+
+def _scan_segment(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor,
+    erase: torch.Tensor,
+    write: torch.Tensor,
+    s: torch.Tensor,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunked recurrence over a segment of whole chunks (float32, plain differentiable torch ops).
+
+    ``q, k, v`` [N, L, r]; gates [N, L, 1 or r]; ``s`` [N, r, r]; L a multiple of ``chunk``. Returns
+    ``(reads [N, L, r], state after the segment)``.
+    """
+    n, length, r = q.shape
+    nc = length // chunk
+
+    def chunks(x: torch.Tensor) -> torch.Tensor:  # [N, L, f] -> [N, nc, C, f]
+        return x.reshape(n, nc, chunk, x.shape[-1])
+
+    q, k, v, keep, erase, write = (chunks(x) for x in (q, k, v, keep, erase, write))
+    # Per-row gate sequences [N, nc, g, C]; g = 1 broadcasts over the r rows in everything below.
+    keep_rows, erase_rows = keep.transpose(-1, -2), erase.transpose(-1, -2)
+    shared_decay = keep_rows.shape[2] == 1  # D is the same for all rows
+    shared_solve = shared_decay and erase_rows.shape[2] == 1  # so is the system matrix
+
+    # --- Decays, per row: products of keep over token ranges (exp of differences of Γ), as cumulative *products*:
+    # no log, so keep = 0 (a saturated gate) is exact, gradient included.
+    ones = torch.ones_like(keep_rows[..., :1])
+    keep_before = torch.cat([ones, keep_rows[..., :-1]], dim=-1)  # keep_{t-1} (1 at t = 0)
+    decay_in = keep_before.cumprod(-1)  # exp(Γ_t) = Π_{m<t} keep_m: how much of s_0 survives to token t
+    keep_after = torch.cat([keep_rows[..., 1:], ones], dim=-1)  # keep_{j+1} (1 at j = C-1)
+    decay_out = keep_after.flip(-1).cumprod(-1).flip(-1)  # exp(Γ_C − Γ_{j+1}) = Π_{m>j} keep_m: token j's write
+    decay_all = (decay_in[..., -1] * keep_rows[..., -1]).unsqueeze(-1)  # exp(Γ_C), [N, nc, g, 1]
+    # D_tj = exp(Γ_t − Γ_{j+1}) = Π_{j<m<t} keep_m as a [t, j] matrix: a cumulative product down each column j of
+    # keep_{t-1} for t ≥ j+2 (1 above). Its upper triangle (j ≥ t) is 1, not 0: the solve reads only the strictly
+    # lower part, and the read masks it through q·k.
+    from_j2 = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril(-2)  # t ≥ j + 2
+    decay_intra = torch.where(from_j2, keep_before.unsqueeze(-1), 1.0).cumprod(-2)  # [N, nc, g, C (t), C (j)]
+
+    # --- Shared by all rows: one C×C Gram matrix per chunk. Reads use only j < t (read before write).
+    kk = k @ k.transpose(-1, -2)  # [N, nc, C, C]
+    qk = (q @ k.transpose(-1, -2)).tril(-1)
+    # System matrices L = diag(erase)(D ⊙ K Kᵀ) (strictly lower part used) and read weights D ⊙ Q Kᵀ.
+    lower = erase_rows.unsqueeze(-1) * decay_intra * kk.unsqueeze(2)  # [N, nc, g, C, C]
+    read_w = decay_intra * qk.unsqueeze(2)  # [N, nc, g, C, C]
+    wv = (write * v).transpose(-1, -2)  # write ⊙ v, [N, nc, r, C]
+    erase_in = erase_rows * decay_in  # erase ⊙ exp(Γ), [N, nc, g, C]
+    decay_out_rows = decay_out.expand(n, nc, r, chunk)
+    k_t = k.transpose(-1, -2)  # [N, nc, r, C]
+
+    # --- Chunk by chunk: the state at each chunk start, and u (one value per row and token). unbind (not indexing in
+    # the loop): its backward stacks the per-chunk gradients once, instead of one full-size zero tensor per chunk.
+    starts, us = [], []
+    per_chunk = (wv, erase_in, k_t, k, lower[:, :, 0] if shared_solve else lower, decay_all, decay_out_rows)
+    for wv_c, erase_in_c, k_t_c, k_c, lower_c, decay_all_c, decay_out_c in zip(
+        *(x.unbind(1) for x in per_chunk), strict=True
+    ):
+        starts.append(s)
+        rhs = wv_c - erase_in_c * (s @ k_t_c)  # write ⊙ v − erase ⊙ exp(Γ) ⊙ (K s_0ᵀ), [N, r, C]
+        if shared_solve:  # one C×C system, the r rows are its right-hand sides
+            u = torch.linalg.solve_triangular(lower_c, rhs.transpose(-1, -2), upper=False, unitriangular=True)
+            u = u.transpose(-1, -2)
+        else:  # one system per row, one right-hand side each
+            u = torch.linalg.solve_triangular(lower_c, rhs.unsqueeze(-1), upper=False, unitriangular=True)
+            u = u.squeeze(-1)
+        us.append(u)
+        s = decay_all_c * s + (decay_out_c * u) @ k_c  # s_C = exp(Γ_C) s_0 + Σ_j b_j u_j k_j
+    s_start = torch.stack(starts, dim=1)  # [N, nc, r, r]
+    u_all = torch.stack(us, dim=1)  # [N, nc, r, C]
+
+    # --- Reads for all chunks at once: exp(Γ_t) (q_t·s_0) + Σ_{j<t} D_tj (q_t·k_j) u_j.
+    reads = decay_in * (s_start @ q.transpose(-1, -2))
+    if shared_decay:
+        reads = reads + u_all @ read_w[:, :, 0].transpose(-1, -2)
+    else:
+        reads = reads + (read_w @ u_all.unsqueeze(-1)).squeeze(-1)
+    return reads.transpose(-1, -2).reshape(n, length, r), s
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The factored form: every per-row C×C product that is not the solve becomes a matmul with a matrix shared by all rows.
+#
+# Within a chunk write P_t = exp(Γ_t) = Π_{m<t} keep_m and P'_j = exp(Γ_{j+1}) = Π_{m≤j} keep_m. Then
+# D_tj = P_t / P'_j, and with the strictly lower shared matrices T = tril₋₁(K Kᵀ), R = tril₋₁(Q Kᵀ) and, per row,
+# x = u / P' (elementwise):
+#
+#     (I + diag(erase ⊙ P) T diag(1/P')) u = write ⊙ v − erase ⊙ P ⊙ (K s_0ᵀ)      (the system of DESIGN.md §2)
+#     read  = P ⊙ (Q s_0ᵀ + R x)
+#     s_C   = P_C (s_0 + Σ_j x_j k_j)
+#
+# Only the system matrix is formed per row; the reads and the state need matmuls with T, R, K and Q that all rows
+# share. The backward is written out by hand in the same terms (gradients of the decays are taken w.r.t. log keep and
+# divided by keep at the end), so it needs no per-row C×C product either, and stores per chunk only its start state
+# and u. Dividing by P' is exact while the products stay far from float32's underflow: a segment whose keeps are
+# all ≥ FACTORED_MIN_KEEP and whose chunk products are all ≥ FACTORED_MIN_DECAY takes this path, any other the
+# plain form above (_scan_segment, differentiated by autograd): saturated or near-zero keep gates stay exact.
+
+FACTORED_MIN_KEEP = 1e-2
+FACTORED_MIN_DECAY = 1e-20
+
+
+class _Chunked(NamedTuple):
+    """One segment cut into chunks, rows first: gates [N, nc, g, C] (g = 1 or r), q/k [N, nc, C, r], v [N, nc, r, C]."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    keep: torch.Tensor
+    erase: torch.Tensor
+    write: torch.Tensor
+
+
+def _cut(inputs: Sequence[torch.Tensor], chunk: int) -> _Chunked:
+    q, k, v, keep, erase, write = inputs
+    n, length, _ = q.shape
+    nc = length // chunk
+
+    def chunks(x: torch.Tensor) -> torch.Tensor:  # [N, L, f] -> [N, nc, C, f]
+        return x.reshape(n, nc, chunk, x.shape[-1])
+
+    rows = (chunks(x).transpose(-1, -2) for x in (v, keep, erase, write))
+    return _Chunked(chunks(q), chunks(k), *rows)
+
+
+def _uncut(x: torch.Tensor) -> torch.Tensor:
+    """Rows-first [N, nc, f, C] -> [N, nc·C, f]."""
+    n, nc, f, c = x.shape
+    return x.transpose(-1, -2).reshape(n, nc * c, f)
+
+
+class _Factors(NamedTuple):
+    p_in: torch.Tensor  # P_t = Π_{m<t} keep_m, [N, nc, gk, C]
+    inv_p_out: torch.Tensor  # 1 / P'_j = 1 / Π_{m≤j} keep_m
+    p_all: torch.Tensor  # P_C, [N, nc, gk, 1]
+    ep: torch.Tensor  # erase ⊙ P, [N, nc, g, C]
+    tk: torch.Tensor  # T = tril₋₁(K Kᵀ), [N, nc, C, C]
+    tq: torch.Tensor  # R = tril₋₁(Q Kᵀ)
+    system: torch.Tensor  # diag(erase ⊙ P) T diag(1/P'), [N, nc, C, C] (shared gates) or [N, nc, r, C, C]
+
+
+def _factors(x: _Chunked, shared: bool) -> _Factors:
+    p_out = x.keep.cumprod(-1)
+    p_in = torch.cat([torch.ones_like(p_out[..., :1]), p_out[..., :-1]], dim=-1)
+    inv_p_out = 1.0 / p_out
+    ep = x.erase * p_in
+    tk = (x.k @ x.k.transpose(-1, -2)).tril(-1)
+    tq = (x.q @ x.k.transpose(-1, -2)).tril(-1)
+    if shared:
+        system = ep[:, :, 0, :, None] * tk * inv_p_out[:, :, 0, None, :]
+    else:
+        system = ep.unsqueeze(-1) * tk.unsqueeze(2) * inv_p_out.unsqueeze(-2)
+    return _Factors(p_in, inv_p_out, p_out[..., -1:], ep, tk, tq, system)
+
+
+def _factored_ok(x: _Chunked, f: _Factors) -> bool:
+    return bool(x.keep.min() >= FACTORED_MIN_KEEP) and bool(f.p_all.min() >= FACTORED_MIN_DECAY)
+
+
+def _solve(system: torch.Tensor, rhs: torch.Tensor, shared: bool, transpose: bool = False) -> torch.Tensor:
+    """(I + L) u = rhs for every row (rhs [N, r, C]), or (I + L)ᵀ u = rhs with ``transpose``. Shared gates: one
+    system [N, C, C] whose right-hand sides are the rows; else one system per row [N, r, C, C]."""
+    a = system.transpose(-1, -2) if transpose else system
+    if shared:
+        return torch.linalg.solve_triangular(a, rhs.transpose(-1, -2), upper=transpose, unitriangular=True).mT
+    return torch.linalg.solve_triangular(a, rhs.unsqueeze(-1), upper=transpose, unitriangular=True).squeeze(-1)
+
+
+def _factored_forward(
+    x: _Chunked, f: _Factors, s: torch.Tensor, shared: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (reads [N, nc, r, C] rows first, final state, start state per chunk [N, nc, r, r], u [N, nc, r, C])."""
+    wv = x.write * x.v
+    starts, us = [], []
+    per_chunk = (wv, f.ep, x.k, f.system, f.inv_p_out, f.p_all)
+    for wv_c, ep_c, k_c, system_c, inv_p_out_c, p_all_c in zip(*(t.unbind(1) for t in per_chunk), strict=True):
+        starts.append(s)
+        rhs = torch.addcmul(wv_c, ep_c, s @ k_c.transpose(-1, -2), value=-1.0)  # write⊙v − erase⊙P⊙(K s_0ᵀ)
+        u = _solve(system_c, rhs, shared)
+        us.append(u)
+        s = p_all_c * torch.baddbmm(s, u * inv_p_out_c, k_c)  # P_C (s_0 + Σ_j x_j k_j)
+    s_start, u_all = torch.stack(starts, dim=1), torch.stack(us, dim=1)
+    x_all = u_all * f.inv_p_out
+    reads = f.p_in * (s_start @ x.q.transpose(-1, -2) + x_all @ f.tq.transpose(-1, -2))
+    return reads, s, s_start, u_all
+
+
+def _rows_to(grad: torch.Tensor, width: int) -> torch.Tensor:
+    """Sum a per-row gradient [N, nc, r, C] over the rows where its gate is shared ([N, nc, 1, C])."""
+    return grad.sum(2, keepdim=True) if width == 1 else grad
+
+
+def _factored_backward(
+    x: _Chunked,
+    f: _Factors,
+    s_start: torch.Tensor,
+    u_all: torch.Tensor,
+    d_reads: torch.Tensor,
+    d_state: torch.Tensor,
+    shared: bool,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Gradients of a segment (rows-first ``d_reads`` [N, nc, r, C], ``d_state`` after it) w.r.t. its chunked inputs
+    (as :class:`_Chunked`, rows first) and its start state."""
+    g_read = d_reads * f.p_in
+    dx_read = g_read @ f.tq  # read = P ⊙ (Q s_0ᵀ + R x): through x
+    ds_read = g_read @ x.q  # ... through s_0
+    dws, dxs, drhss = [], [], []
+    ds = d_state
+    per_chunk = (dx_read, ds_read, x.k, f.system, f.inv_p_out, f.p_all, f.ep)
+    for dx_read_c, ds_read_c, k_c, system_c, inv_p_out_c, p_all_c, ep_c in reversed(
+        list(zip(*(t.unbind(1) for t in per_chunk), strict=True))
+    ):
+        dw = p_all_c * ds  # s_C = P_C w with w = s_0 + Σ_j x_j k_j
+        dx = torch.baddbmm(dx_read_c, dw, k_c.transpose(-1, -2))
+        drhs = _solve(system_c, dx * inv_p_out_c, shared, transpose=True)
+        ds = torch.baddbmm(ds_read_c + dw, drhs * ep_c, k_c, alpha=-1.0)  # rhs has −erase⊙P⊙(K s_0ᵀ)
+        dws.append(dw), dxs.append(dx), drhss.append(drhs)
+    dw, dx, drhs = (torch.stack(t[::-1], dim=1) for t in (dws, dxs, drhss))
+
+    x_all = u_all * f.inv_p_out
+    k_s = s_start @ x.k.transpose(-1, -2)  # K s_0ᵀ per row, [N, nc, r, C]
+    reads_inner = s_start @ x.q.transpose(-1, -2) + x_all @ f.tq.transpose(-1, -2)
+    y = drhs * f.ep
+    d_ep = -drhs * (x_all @ f.tk.transpose(-1, -2) + k_s)  # through the system's diag(erase⊙P) and the rhs
+    d_tq = (g_read.transpose(-1, -2) @ x_all).tril(-1)
+    d_tk = -(y.transpose(-1, -2) @ x_all).tril(-1)
+    d_tk = d_tk + d_tk.transpose(-1, -2)  # T = K Kᵀ is symmetric in K
+    dq = g_read.transpose(-1, -2) @ s_start + d_tq @ x.k
+    dk = d_tq.transpose(-1, -2) @ x.q + x_all.transpose(-1, -2) @ dw + d_tk @ x.k - y.transpose(-1, -2) @ s_start
+    # Decays, as gradients w.r.t. log keep: P_t holds keep_m for m < t, P'_j for m ≤ j, P_C all of them.
+    gk = x.keep.shape[2]
+    dlog_p_in = _rows_to(d_reads * f.p_in * reads_inner, gk) + _rows_to(d_ep * f.ep, gk)
+    dlog_inv_p_out = _rows_to(dx * x_all - x_all * (y @ f.tk), gk)
+    dlog_p_all = _rows_to((dw * (s_start + x_all @ x.k)).sum(-1, keepdim=True), gk)
+    after = dlog_p_in.flip(-1).cumsum(-1).flip(-1) - dlog_p_in  # Σ_{t>m}
+    from_m = dlog_inv_p_out.flip(-1).cumsum(-1).flip(-1)  # Σ_{j≥m}
+    d_keep = (after - from_m + dlog_p_all) / x.keep
+    d_erase = _rows_to(d_ep * f.p_in, x.erase.shape[2])
+    d_v = drhs * x.write
+    d_write = _rows_to(drhs * x.v, x.write.shape[2])
+    return [dq, dk, d_v, d_keep, d_erase, d_write], ds
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Segments, forward and backward
+
+
+def _run_segments(
+    inputs: tuple[torch.Tensor, ...], s: torch.Tensor, pieces: list[tuple[int, int, int]], save: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[Any, ...]]]:
+    """Scan the pieces in order from ``s``; returns (reads, final state, per piece what its backward needs: the start
+    state for the plain form, or the chunk start states and u for the factored form)."""
+    reads, saved = [], []
+    shared = max(inputs[3].shape[-1], inputs[4].shape[-1]) == 1
+    for start, length, chunk in pieces:
+        piece = [t[:, start : start + length] for t in inputs]
+        x = _cut(piece, chunk)
+        f = _factors(x, shared)
+        if _factored_ok(x, f):
+            piece_reads, s_next, s_start, u_all = _factored_forward(x, f, s, shared)
+            piece_reads = _uncut(piece_reads)
+            saved.append(("factored", s_start, u_all) if save else ())
+        else:
+            piece_reads, s_next = _scan_segment(*piece, s, chunk)
+            saved.append(("plain", s) if save else ())
+        s = s_next
+        reads.append(piece_reads)
+    return torch.cat(reads, dim=1), s, saved
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """Forward: the segments in order, keeping per segment only what its backward needs (chunk start states and u,
+    or the segment's start state). Backward: the segments in reverse, each recomputed from what was kept (the
+    factored form by hand, the plain form under autograd), so at most one segment's intermediates are alive:
+    memory linear in T, with a small constant."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, keep, erase, write, s0, pieces):  # type: ignore[override]
+        reads, final, saved = _run_segments((q, k, v, keep, erase, write), s0, pieces, save=True)
+        ctx.pieces, ctx.kinds = pieces, [entry[0] for entry in saved]
+        tensors = [t for entry in saved for t in entry[1:]]
+        ctx.save_for_backward(q, k, v, keep, erase, write, *tensors)
+        return reads, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_reads, d_state):  # type: ignore[override]
+        q, k, v, keep, erase, write, *tensors = ctx.saved_tensors
+        inputs = (q, k, v, keep, erase, write)
+        shared = max(keep.shape[-1], erase.shape[-1]) == 1
+        grads = [torch.empty_like(t) for t in inputs]  # every span is written below
+        saved, it = [], iter(tensors)
+        for kind in ctx.kinds:
+            saved.append((next(it), next(it)) if kind == "factored" else (next(it),))
+        for (start, length, chunk), kind, kept in zip(
+            reversed(ctx.pieces), reversed(ctx.kinds), reversed(saved), strict=True
+        ):
+            span = slice(start, start + length)
+            piece = [t[:, span] for t in inputs]
+            if kind == "factored":
+                x = _cut(piece, chunk)
+                n, _, r = q.shape
+                d_rows = d_reads[:, span].reshape(n, length // chunk, chunk, r).transpose(-1, -2)
+                piece_grads, d_state = _factored_backward(x, _factors(x, shared), *kept, d_rows, d_state, shared)
+                piece_grads = [g if i < 2 else _uncut(g) for i, g in enumerate(piece_grads)]
+                piece_grads[:2] = [g.reshape(g.shape[0], length, g.shape[-1]) for g in piece_grads[:2]]
+            else:
+                leaves = [t.detach().requires_grad_() for t in (*piece, kept[0])]
+                with torch.enable_grad():
+                    piece_reads, s_end = _scan_segment(*leaves, chunk)
+                *piece_grads, d_state = torch.autograd.grad((piece_reads, s_end), leaves, (d_reads[:, span], d_state))
+            for grad, piece_grad in zip(grads, piece_grads, strict=True):
+                grad[:, span] = piece_grad
+        needed = [g if wanted else None for g, wanted in zip(grads, ctx.needs_input_grad, strict=False)]
+        return (*needed, d_state, None)
 
 
 def chunked_delta_rule_scan(
@@ -46,7 +409,7 @@ def chunked_delta_rule_scan(
     state: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     *,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise-parallel form of the memory recurrence; same contract as :func:`peft_deltamem.ops.delta_rule_scan`.
 
@@ -54,11 +417,11 @@ def chunked_delta_rule_scan(
     [N, r, r] or None (zeros); ``mask`` [N, T] bool (True = valid) or None. Computed in float32; returns
     ``(reads [N, T, r] in q's dtype, final_state [N, r, r] float32)``, differentiable in every input.
     Gates are expected in [0, 1] (sigmoid outputs); keep = 0 is handled exactly (forward and gradients).
-    ``chunk_size`` is the number of tokens C solved together (capped at T; T is padded
-    to a multiple of C with identity steps). Agrees with the recurrent form to float32 round-off; see the module
-    docstring for the math.
+    ``chunk_size`` is the number of tokens C solved together (None: :func:`default_chunk_size` for the shape; a
+    last shorter chunk takes the rest, no padding). Agrees with the recurrent form to float32 round-off; see the
+    module docstring for the math.
     """
-    if chunk_size < 1:
+    if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunked_delta_rule_scan: chunk_size must be >= 1, got {chunk_size}")
     out_dtype = q.dtype
     n, t_len, r = q.shape
@@ -76,71 +439,14 @@ def chunked_delta_rule_scan(
         erase = torch.where(valid, erase, 0.0)
         write = torch.where(valid, write, 0.0)
 
-    # Pad T up to a multiple of C with identity steps (zero q/k/v, keep 1, erase/write 0); their reads are dropped.
-    chunk = min(chunk_size, t_len)
-    pad = -t_len % chunk
-    if pad:
-        q, k, v, erase, write = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v, erase, write))
-        keep = F.pad(keep, (0, 0, 0, pad), value=1.0)
-    n_chunks = (t_len + pad) // chunk
-    q, k, v, keep, erase, write = (_to_chunks(x, n_chunks, chunk) for x in (q, k, v, keep, erase, write))
-    # Per-row gate sequences [N, nc, g, C]; g = 1 broadcasts over the r rows in everything below.
-    keep_rows, erase_rows = _rows_first(keep), _rows_first(erase)
-
-    # --- Decays, per row: products of keep over token ranges, i.e. exp of differences of Γ_t = Σ_{m<t} log keep_m,
-    # but formed as cumulative *products* of keep: no log, so keep = 0 (a saturated gate) is exact, gradient
-    # included, and no Γ_t − Γ_{j+1} cancellation when Γ is large and negative.
-    ones = torch.ones_like(keep_rows[..., :1])
-    keep_before = torch.cat([ones, keep_rows[..., :-1]], dim=-1)  # keep_{t-1} (1 at t = 0)
-    decay_in = keep_before.cumprod(-1)  # exp(Γ_t) = Π_{m<t} keep_m: how much of s_0 survives to token t
-    keep_after = torch.cat([keep_rows[..., 1:], ones], dim=-1)  # keep_{j+1} (1 at j = C-1)
-    decay_out = keep_after.flip(-1).cumprod(-1).flip(-1)  # exp(Γ_C − Γ_{j+1}) = Π_{m>j} keep_m: token j's write
-    decay_all = keep_rows.prod(-1)  # exp(Γ_C)
-    # D_tj = exp(Γ_t − Γ_{j+1}) = Π_{j<m<t} keep_m as a [t, j] matrix: a cumulative product down each column j of
-    # keep_{t-1} for t ≥ j+2 (1 above). D_{t,t-1} = 1. Its upper triangle (j ≥ t) is 1, not 0: the solve reads only
-    # the strictly lower part, and the read masks it through q·k, which is cheaper than masking this per-row tensor.
-    from_j2 = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril(-2)  # t ≥ j + 2
-    decay_intra = torch.where(from_j2, keep_before.unsqueeze(-1), 1.0).cumprod(-2)  # [N, nc, g, C (t), C (j)]
-
-    # --- Products shared by all rows: one C×C Gram matrix per chunk. Reads use only j < t (read before write).
-    kk = k @ k.transpose(-1, -2)  # [N, nc, C, C]
-    qk = (q @ k.transpose(-1, -2)).tril(-1)
-
-    # --- Intra-chunk solve, per row, for all chunks at once. The system matrix is I + strictly-lower part; the
-    # solver is told the diagonal is 1 (unitriangular), so only the strictly lower part L is formed.
-    lower = erase_rows.unsqueeze(-1) * decay_intra * kk.unsqueeze(2)  # [N, nc, g, C, C]
-    # Right-hand sides: column 0 is write ⊙ v (gives u_free); columns 1..r are erase ⊙ exp(Γ) ⊙ K (gives W).
-    wv = (write * v).transpose(-1, -2).unsqueeze(-1)  # [N, nc, r, C, 1]
-    ek = (erase_rows * decay_in).unsqueeze(-1) * k.unsqueeze(2)  # [N, nc, g, C, r]
-    rhs = torch.cat([wv, ek.expand(n, n_chunks, r, chunk, r)], dim=-1)
-    sol = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)
-    u_free, w = sol[..., 0], sol[..., 1:]  # u = u_free − W s_0: [N, nc, r, C] and [N, nc, r, C, r]
-
-    # --- Chunk transition per row: s_C = M s_0 + m with M = exp(Γ_C) I − Kᵀ diag(b) W, m = Kᵀ (b ⊙ u_free),
-    # b_j = exp(Γ_C − Γ_{j+1}).
-    eye = torch.eye(r, dtype=f32, device=q.device)
-    trans = decay_all[..., None, None] * eye - k.transpose(-1, -2).unsqueeze(2) @ (decay_out.unsqueeze(-1) * w)
-    offset = ((decay_out * u_free).unsqueeze(-2) @ k.unsqueeze(2)).squeeze(-2)  # [N, nc, r, r]
-    trans = trans.expand(n, n_chunks, r, r, r)
-
-    # --- The only sequential part: carry the state across chunks, rows folded into the batch ((N·r) r×r maps).
-    trans_seq = trans.transpose(0, 1).reshape(n_chunks, n * r, r, r)
-    offset_seq = offset.transpose(0, 1).reshape(n_chunks, n * r, r, 1)
-    s = s0.reshape(n * r, r, 1)
-    starts = []
-    # unbind (not indexing in the loop): its backward stacks the per-chunk gradients once, instead of one
-    # full-size zero tensor per chunk.
-    for trans_c, offset_c in zip(trans_seq.unbind(0), offset_seq.unbind(0), strict=True):
-        starts.append(s)
-        s = torch.baddbmm(offset_c, trans_c, s)
-    final_state = s.reshape(n, r, r)
-    s_start = torch.stack(starts, dim=1).reshape(n, r, n_chunks, r).transpose(1, 2)  # [N, nc, r, r]: s_0 per chunk
-
-    # --- Reads for all chunks at once, now that each chunk's s_0 is known.
-    u = u_free - (w @ s_start.unsqueeze(-1)).squeeze(-1)  # [N, nc, r, C]
-    read_state = decay_in * (s_start @ q.transpose(-1, -2))  # exp(Γ_t) (q_t·s_0)
-    read_intra = ((decay_intra * qk.unsqueeze(2)) @ u.unsqueeze(-1)).squeeze(-1)  # Σ_j D_tj (q_t·k_j) u_j
-    reads = (read_state + read_intra).transpose(-1, -2).reshape(n, n_chunks * chunk, r)[:, :t_len]
+    g = max(keep.shape[-1], erase.shape[-1])  # 1: every row shares the decays and the solve
+    chunk = min(chunk_size or default_chunk_size(n, t_len, r, rowwise=g > 1), t_len)
+    pieces = _segments(t_len, chunk, segment_tokens(n, r, g, chunk))
+    inputs = (q, k, v, keep, erase, write)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (*inputs, s0)):
+        reads, final_state = _ChunkedScan.apply(*inputs, s0, pieces)
+    else:
+        reads, final_state, _ = _run_segments(inputs, s0, pieces)
     if mask is not None:
         reads = torch.where(mask.to(torch.bool).unsqueeze(-1), reads, 0.0)
     return reads.to(out_dtype), final_state

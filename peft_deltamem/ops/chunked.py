@@ -220,7 +220,6 @@ class _Factors(NamedTuple):
     ep: torch.Tensor  # erase ⊙ P, [N, nc, g, C]
     tk: torch.Tensor  # T = tril₋₁(K Kᵀ), [N, nc, C, C]
     tq: torch.Tensor  # R = tril₋₁(Q Kᵀ)
-    system: torch.Tensor  # diag(erase ⊙ P) T diag(1/P'), [N, nc, C, C] (shared gates) or [N, nc, r, C, C]
 
 
 def _factors(x: _Chunked, shared: bool) -> _Factors:
@@ -230,11 +229,15 @@ def _factors(x: _Chunked, shared: bool) -> _Factors:
     ep = x.erase * p_in
     tk = (x.k @ x.k.transpose(-1, -2)).tril(-1)
     tq = (x.q @ x.k.transpose(-1, -2)).tril(-1)
+    return _Factors(p_in, inv_p_out, p_out[..., -1:], ep, tk, tq)
+
+
+def _system(tk: torch.Tensor, ep: torch.Tensor, inv_p_out: torch.Tensor, shared: bool) -> torch.Tensor:
+    """One chunk's system matrix diag(erase ⊙ P) T diag(1/P') (strictly lower; the unit diagonal is implied): [N, C, C]
+    with shared gates, else one per row [N, r, C, C]. Formed chunk by chunk, while the chunk is in cache."""
     if shared:
-        system = ep[:, :, 0, :, None] * tk * inv_p_out[:, :, 0, None, :]
-    else:
-        system = ep.unsqueeze(-1) * tk.unsqueeze(2) * inv_p_out.unsqueeze(-2)
-    return _Factors(p_in, inv_p_out, p_out[..., -1:], ep, tk, tq, system)
+        return (tk * inv_p_out[:, 0, None, :]).mul_(ep[:, 0, :, None])
+    return (tk.unsqueeze(1) * inv_p_out.unsqueeze(-2)).mul_(ep.unsqueeze(-1))
 
 
 def _factored_ok(x: _Chunked, f: _Factors) -> bool:
@@ -256,9 +259,10 @@ def _factored_forward(
     """Returns (reads [N, nc, r, C] rows first, final state, start state per chunk [N, nc, r, r], u [N, nc, r, C])."""
     wv = x.write * x.v
     starts, us = [], []
-    per_chunk = (wv, f.ep, x.k, f.system, f.inv_p_out, f.p_all)
-    for wv_c, ep_c, k_c, system_c, inv_p_out_c, p_all_c in zip(*(t.unbind(1) for t in per_chunk), strict=True):
+    per_chunk = (wv, f.ep, x.k, f.inv_p_out, f.p_all, f.tk)
+    for wv_c, ep_c, k_c, inv_p_out_c, p_all_c, tk_c in zip(*(t.unbind(1) for t in per_chunk), strict=True):
         starts.append(s)
+        system_c = _system(tk_c, ep_c, inv_p_out_c, shared)
         rhs = torch.addcmul(wv_c, ep_c, s @ k_c.transpose(-1, -2), value=-1.0)  # write⊙v − erase⊙P⊙(K s_0ᵀ)
         u = _solve(system_c, rhs, shared)
         us.append(u)
@@ -290,10 +294,10 @@ def _factored_backward(
     ds_read = g_read @ x.q  # ... through s_0
     dws, dxs, drhss = [], [], []
     ds = d_state
-    per_chunk = (dx_read, ds_read, x.k, f.system, f.inv_p_out, f.p_all, f.ep)
-    for dx_read_c, ds_read_c, k_c, system_c, inv_p_out_c, p_all_c, ep_c in reversed(
-        list(zip(*(t.unbind(1) for t in per_chunk), strict=True))
-    ):
+    per_chunk = (dx_read, ds_read, x.k, f.inv_p_out, f.p_all, f.ep, f.tk)
+    chunks = zip(*(t.unbind(1) for t in per_chunk), strict=True)
+    for dx_read_c, ds_read_c, k_c, inv_p_out_c, p_all_c, ep_c, tk_c in reversed(list(chunks)):
+        system_c = _system(tk_c, ep_c, inv_p_out_c, shared)
         dw = p_all_c * ds  # s_C = P_C w with w = s_0 + Σ_j x_j k_j
         dx = torch.baddbmm(dx_read_c, dw, k_c.transpose(-1, -2))
         drhs = _solve(system_c, dx * inv_p_out_c, shared, transpose=True)

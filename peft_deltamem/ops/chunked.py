@@ -237,7 +237,7 @@ def _system(tk: torch.Tensor, ep: torch.Tensor, inv_p_out: torch.Tensor, shared:
     with shared gates, else one per row [N, r, C, C]. Formed chunk by chunk, while the chunk is in cache."""
     if shared:
         return (tk * inv_p_out[:, 0, None, :]).mul_(ep[:, 0, :, None])
-    return (tk.unsqueeze(1) * inv_p_out.unsqueeze(-2)).mul_(ep.unsqueeze(-1))
+    return (tk.unsqueeze(1) * ep.unsqueeze(-1)).mul_(inv_p_out.unsqueeze(-2))  # ep has the full width g
 
 
 def _factored_ok(x: _Chunked, f: _Factors) -> bool:

@@ -364,9 +364,11 @@ def test_chunked_mixed_segments(segment_kinds: list[str]) -> None:
     leaves, mask = make_inputs(case)
     with torch.no_grad():
         leaves[3][:, 40:44] = 0.0  # keep exactly 0 on a few tokens of the second segment (32 tokens each)
-    with mock.patch.object(chunked_mod, "SEGMENT_FLOATS", 2 * 4 * 8 * 8 * 4):  # 4 chunks = 32 tokens a segment
+    # Segments of 4 chunks = 32 tokens ([N, 32, max(r, C)] = 512 floats); the plain form cuts its segment into
+    # pieces of one chunk ([N, r, 8, C] = 512 floats).
+    with mock.patch.object(chunked_mod, "SEGMENT_FLOATS", 2 * 32 * 8):
         reads, final, grads = _loss_and_grads(chunked_delta_rule_scan, leaves, mask, 0, chunk_size=8)
-    assert segment_kinds == ["factored", "plain", "factored"]
+    assert segment_kinds == ["factored"] + ["plain"] * 4 + ["factored"]
     ref_reads, ref_final, ref_grads = _loss_and_grads(recurrent_delta_rule_scan, leaves, mask, 0)
     _assert_close(reads, ref_reads, 1e-5, "reads")
     _assert_close(final, ref_final, 1e-5, "final state")

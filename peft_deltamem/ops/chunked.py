@@ -40,9 +40,9 @@ import torch
 
 __all__ = ["chunked_delta_rule_scan", "default_chunk_size", "segment_tokens"]
 
-# Floats (per tensor) that one segment's per-row C×C intermediates may take: about 4 MB each, a few dozen alive
-# at once during a segment's backward.
-SEGMENT_FLOATS = 2**20
+# Floats that one segment's largest intermediate may hold (1 MB; a few dozen such tensors are alive at once during a
+# segment's backward): this bounds the memory of the forward and the backward whatever T is.
+SEGMENT_FLOATS = 2**18
 
 
 def default_chunk_size(n: int, t_len: int, r: int, rowwise: bool = True) -> int:
@@ -59,9 +59,11 @@ def default_chunk_size(n: int, t_len: int, r: int, rowwise: bool = True) -> int:
     return max(1, min(c, t_len))
 
 
-def segment_tokens(n: int, r: int, g: int, chunk: int) -> int:
-    """Tokens per segment: a whole number of chunks whose [N, g, tokens, C] intermediates fit :data:`SEGMENT_FLOATS`."""
-    per_chunk = n * max(g, 1) * chunk * chunk
+def segment_tokens(n: int, r: int, g: int, chunk: int, per_row: bool = False) -> int:
+    """Tokens per segment: a whole number of chunks whose largest intermediate fits :data:`SEGMENT_FLOATS`. That is
+    [N, tokens, max(r, C)] for the factored form, and [N, g, tokens, C] (the per-row decays) with ``per_row``, for
+    the plain form."""
+    per_chunk = n * chunk * (max(g, 1) * chunk if per_row else max(r, chunk))
     return chunk * max(1, SEGMENT_FLOATS // per_chunk)
 
 
@@ -334,26 +336,35 @@ def _factored_backward(
 
 
 def _run_segments(
-    inputs: tuple[torch.Tensor, ...], s: torch.Tensor, pieces: list[tuple[int, int, int]], save: bool = False
+    inputs: tuple[torch.Tensor, ...], s: torch.Tensor, chunk: int, save: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[Any, ...]]]:
-    """Scan the pieces in order from ``s``; returns (reads, final state, per piece what its backward needs: the start
-    state for the plain form, or the chunk start states and u for the factored form)."""
-    reads, saved = [], []
-    shared = max(inputs[3].shape[-1], inputs[4].shape[-1]) == 1
-    for start, length, chunk in pieces:
+    """Scan the whole sequence from ``s``, segment by segment; returns (reads, final state, the pieces that were run:
+    ``(form, start, length, chunk, *what its backward needs)``, the chunk start states and u for the factored form,
+    the start state for the plain form; only the form and the span unless ``save``)."""
+    q, keep, erase = inputs[0], inputs[3], inputs[4]
+    n, t_len, r = q.shape
+    g = max(keep.shape[-1], erase.shape[-1])
+    shared = g == 1
+    reads, pieces = [], []
+
+    def run_plain(start: int, length: int, c: int, s: torch.Tensor) -> torch.Tensor:
         piece = [t[:, start : start + length] for t in inputs]
-        x = _cut(piece, chunk)
+        piece_reads, s_next = _scan_segment(*piece, s, c)
+        pieces.append(("plain", start, length, c, s) if save else ("plain", start, length, c))
+        reads.append(piece_reads)
+        return s_next
+
+    for start, length, c in _segments(t_len, chunk, segment_tokens(n, r, g, chunk)):
+        x = _cut([t[:, start : start + length] for t in inputs], c)
         f = _factors(x, shared)
         if _factored_ok(x, f):
-            piece_reads, s_next, s_start, u_all = _factored_forward(x, f, s, shared)
-            piece_reads = _uncut(piece_reads)
-            saved.append(("factored", s_start, u_all) if save else ())
-        else:
-            piece_reads, s_next = _scan_segment(*piece, s, chunk)
-            saved.append(("plain", s) if save else ())
-        s = s_next
-        reads.append(piece_reads)
-    return torch.cat(reads, dim=1), s, saved
+            piece_reads, s, s_start, u_all = _factored_forward(x, f, s, shared)
+            pieces.append(("factored", start, length, c, s_start, u_all) if save else ("factored", start, length, c))
+            reads.append(_uncut(piece_reads))
+        else:  # the plain form, in its own (smaller) segments
+            for sub_start, sub_length, sub_c in _segments(length, c, segment_tokens(n, r, g, c, per_row=True)):
+                s = run_plain(start + sub_start, sub_length, sub_c, s)
+    return torch.cat(reads, dim=1), s, pieces
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -363,11 +374,10 @@ class _ChunkedScan(torch.autograd.Function):
     memory linear in T, with a small constant."""
 
     @staticmethod
-    def forward(ctx, q, k, v, keep, erase, write, s0, pieces):  # type: ignore[override]
-        reads, final, saved = _run_segments((q, k, v, keep, erase, write), s0, pieces, save=True)
-        ctx.pieces, ctx.kinds = pieces, [entry[0] for entry in saved]
-        tensors = [t for entry in saved for t in entry[1:]]
-        ctx.save_for_backward(q, k, v, keep, erase, write, *tensors)
+    def forward(ctx, q, k, v, keep, erase, write, s0, chunk):  # type: ignore[override]
+        reads, final, pieces = _run_segments((q, k, v, keep, erase, write), s0, chunk, save=True)
+        ctx.pieces = [piece[:4] for piece in pieces]
+        ctx.save_for_backward(q, k, v, keep, erase, write, *(t for piece in pieces for t in piece[4:]))
         return reads, final
 
     @staticmethod
@@ -375,25 +385,24 @@ class _ChunkedScan(torch.autograd.Function):
     def backward(ctx, d_reads, d_state):  # type: ignore[override]
         q, k, v, keep, erase, write, *tensors = ctx.saved_tensors
         inputs = (q, k, v, keep, erase, write)
+        n, _, r = q.shape
         shared = max(keep.shape[-1], erase.shape[-1]) == 1
         grads = [torch.empty_like(t) for t in inputs]  # every span is written below
-        saved, it = [], iter(tensors)
-        for kind in ctx.kinds:
-            saved.append((next(it), next(it)) if kind == "factored" else (next(it),))
-        for (start, length, chunk), kind, kept in zip(
-            reversed(ctx.pieces), reversed(ctx.kinds), reversed(saved), strict=True
-        ):
+        kept, it = [], iter(tensors)
+        for form, *_ in ctx.pieces:
+            kept.append((next(it), next(it)) if form == "factored" else (next(it),))
+        for (form, start, length, chunk), saved in zip(reversed(ctx.pieces), reversed(kept), strict=True):
             span = slice(start, start + length)
             piece = [t[:, span] for t in inputs]
-            if kind == "factored":
+            if form == "factored":
                 x = _cut(piece, chunk)
-                n, _, r = q.shape
                 d_rows = d_reads[:, span].reshape(n, length // chunk, chunk, r).transpose(-1, -2)
-                piece_grads, d_state = _factored_backward(x, _factors(x, shared), *kept, d_rows, d_state, shared)
-                piece_grads = [g if i < 2 else _uncut(g) for i, g in enumerate(piece_grads)]
-                piece_grads[:2] = [g.reshape(g.shape[0], length, g.shape[-1]) for g in piece_grads[:2]]
+                piece_grads, d_state = _factored_backward(x, _factors(x, shared), *saved, d_rows, d_state, shared)
+                piece_grads = [g.reshape(n, length, g.shape[-1]) for g in piece_grads[:2]] + [
+                    _uncut(g) for g in piece_grads[2:]
+                ]
             else:
-                leaves = [t.detach().requires_grad_() for t in (*piece, kept[0])]
+                leaves = [t.detach().requires_grad_() for t in (*piece, saved[0])]
                 with torch.enable_grad():
                     piece_reads, s_end = _scan_segment(*leaves, chunk)
                 *piece_grads, d_state = torch.autograd.grad((piece_reads, s_end), leaves, (d_reads[:, span], d_state))
@@ -445,12 +454,11 @@ def chunked_delta_rule_scan(
 
     g = max(keep.shape[-1], erase.shape[-1])  # 1: every row shares the decays and the solve
     chunk = min(chunk_size or default_chunk_size(n, t_len, r, rowwise=g > 1), t_len)
-    pieces = _segments(t_len, chunk, segment_tokens(n, r, g, chunk))
     inputs = (q, k, v, keep, erase, write)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (*inputs, s0)):
-        reads, final_state = _ChunkedScan.apply(*inputs, s0, pieces)
+        reads, final_state = _ChunkedScan.apply(*inputs, s0, chunk)
     else:
-        reads, final_state, _ = _run_segments(inputs, s0, pieces)
+        reads, final_state, _ = _run_segments(inputs, s0, chunk)
     if mask is not None:
         reads = torch.where(mask.to(torch.bool).unsqueeze(-1), reads, 0.0)
     return reads.to(out_dtype), final_state

@@ -418,14 +418,35 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 @pytest.mark.parametrize(
     ("impl", "t", "expected"),
-    [("auto", 1, "recurrent"), ("auto", 2, "chunked"), ("auto", 100, "chunked"), ("recurrent", 50, "recurrent")]
-    + [("chunked", 1, "chunked"), ("chunked", 7, "chunked")],
+    [("auto", 1, "recurrent"), ("auto", 15, "recurrent"), ("auto", 16, "chunked"), ("auto", 100, "chunked")]
+    + [("recurrent", 50, "recurrent"), ("chunked", 1, "chunked"), ("chunked", 7, "chunked")],
 )
 def test_dispatch(spy: list[str], impl: str, t: int, expected: str) -> None:
     leaves, _ = make_inputs(Case(n=2, t=t, r=3, chunk=4))
     reads, final = delta_rule_scan(*leaves, impl=impl, chunk_size=4)
     assert spy == [expected]
     assert reads.shape == (2, t, 3) and final.shape == (2, 3, 3)
+
+
+@pytest.mark.parametrize(
+    ("n", "t", "r", "grad", "expected"),
+    [
+        (1, 15, 8, True, "recurrent"),
+        (1, 16, 8, False, "chunked"),
+        (16, 16, 32, True, "chunked"),  # many rows, with a backward: 16 tokens suffice
+        (16, 16, 32, False, "recurrent"),  # many rows, forward only: the token loop up to 31 tokens
+        (16, 31, 8, False, "chunked"),  # 128 rows is not many
+        (16, 32, 32, False, "chunked"),
+    ],
+)
+def test_auto_rule(spy: list[str], n: int, t: int, r: int, grad: bool, expected: str) -> None:
+    """The measured crossover (docs/benchmarks.md): auto_impl decides, and the dispatcher follows it, with and without
+    gradients."""
+    assert ops.auto_impl(n, t, r, grad=grad) == expected
+    leaves, _ = make_inputs(Case(n=n, t=t, r=r))
+    with torch.set_grad_enabled(grad):
+        delta_rule_scan(*leaves)
+    assert spy == [expected]
 
 
 def test_dispatch_passes_chunk_size(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -436,9 +457,25 @@ def test_dispatch_passes_chunk_size(monkeypatch: pytest.MonkeyPatch) -> None:
         return chunked_delta_rule_scan(*args, chunk_size=chunk_size)
 
     monkeypatch.setattr(chunked_mod, "chunked_delta_rule_scan", chunked)
-    leaves, _ = make_inputs(Case(n=1, t=9, r=2))
+    leaves, _ = make_inputs(Case(n=1, t=20, r=2))
     delta_rule_scan(*leaves, chunk_size=5)
     assert seen == {"chunk_size": 5}
+    delta_rule_scan(*leaves)  # None: the chunked form picks the chunk size for the shape
+    assert seen == {"chunk_size": None}
+
+
+def test_default_chunk_size_rule() -> None:
+    """C shrinks as the independent rows grow (N·r with rank-wise gates, N with shared ones); never above T."""
+    rule = chunked_mod.default_chunk_size
+    assert [rule(1, 4096, 8), rule(4, 4096, 8), rule(1, 4096, 32), rule(4, 4096, 16), rule(16, 4096, 32)] == [
+        64,
+        32,
+        32,
+        16,
+        16,
+    ]
+    assert rule(16, 4096, 32, rowwise=False) == 32 and rule(4, 4096, 32, rowwise=False) == 64
+    assert rule(1, 10, 8) == 10
 
 
 @pytest.mark.parametrize("impl", ["fast", "Chunked", "", None])

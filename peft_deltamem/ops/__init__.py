@@ -6,9 +6,24 @@ import torch
 
 from .recurrent import recurrent_delta_rule_scan
 
-__all__ = ["SCAN_IMPLS", "delta_rule_scan"]
+__all__ = ["SCAN_IMPLS", "auto_impl", "delta_rule_scan"]
 
 SCAN_IMPLS = ("auto", "recurrent", "chunked")
+
+# impl="auto": the chunked form from this many tokens on. Measured on one CPU thread (docs/benchmarks.md): its fixed
+# cost (a few dozen small ops) equals about 16 tokens of the token loop for the forward+backward and for the
+# forward with up to 128 state rows (N·r); with more rows the forward crosses over at 32 tokens.
+AUTO_MIN_TOKENS = 16
+AUTO_MIN_TOKENS_MANY_ROWS_NO_GRAD = 32
+MANY_ROWS = 128
+
+
+def auto_impl(n: int, t_len: int, r: int, *, grad: bool) -> str:
+    """What ``impl="auto"`` runs for N sequences of T tokens at rank r (``grad``: a backward will follow)."""
+    rows_many = n * r > MANY_ROWS
+    threshold = AUTO_MIN_TOKENS_MANY_ROWS_NO_GRAD if rows_many and not grad else AUTO_MIN_TOKENS
+    return "chunked" if t_len >= threshold else "recurrent"
+
 
 try:  # torch >= 2.4 takes the device type
     torch.is_autocast_enabled("cpu")
@@ -41,7 +56,9 @@ def delta_rule_scan(
     ``state`` is [N, r, r] or None (zeros); ``mask`` is [N, T] bool with True for valid tokens, or None.
     ``reads[:, t] = S_{t-1} q_t`` (0 where masked) in q's dtype; ``final_state`` is float32.
     ``impl`` is "recurrent" (token by token, the specification), "chunked" (chunkwise-parallel) or "auto"
-    (chunked for T > 1, recurrent for T = 1).
+    (:func:`auto_impl`: the token loop below 16 tokens, below 32 for a forward without gradients over more than 128
+    state rows N·r; the chunked form otherwise). ``chunk_size`` is the chunked form's chunk length; None picks the
+    one measured fastest for the shape (:func:`peft_deltamem.ops.chunked.default_chunk_size`).
     """
     if impl not in SCAN_IMPLS:
         raise ValueError(f"delta_rule_scan: impl must be one of {SCAN_IMPLS}, got {impl!r}")
@@ -51,7 +68,9 @@ def delta_rule_scan(
         with torch.autocast(q.device.type, enabled=False):
             return delta_rule_scan(q, k, v, keep, erase, write, state, mask, impl=impl, chunk_size=chunk_size)
     if impl == "auto":
-        impl = "chunked" if q.shape[1] > 1 else "recurrent"
+        inputs = (q, k, v, keep, erase, write, state)
+        grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
+        impl = auto_impl(q.shape[0], q.shape[1], q.shape[2], grad=grad)
     if impl == "chunked":
         from .chunked import chunked_delta_rule_scan
 

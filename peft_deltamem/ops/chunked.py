@@ -46,16 +46,12 @@ SEGMENT_FLOATS = 2**18
 
 
 def default_chunk_size(n: int, t_len: int, r: int, rowwise: bool = True) -> int:
-    """The chunk size C measured fastest for a shape (docs/benchmarks.md): per token, the chunked form costs about
-    C multiply-adds per state row (the C×C solve and read) plus a fixed per-chunk overhead, so C shrinks as the
-    rows N·r grow."""
+    """The chunk size C measured fastest for a shape (docs/benchmarks.md, one CPU thread). Per token the chunked form
+    costs about C multiply-adds per state row (the per-row C×C system and its solve) plus a fixed cost per chunk (a
+    few small ops), so C shrinks as the number of independent rows grows: N·r with rank-wise gates, N with gates
+    shared by the rows (one solve for all rows)."""
     rows = n * r if rowwise else n
-    if rows <= 16:
-        c = 64
-    elif rows <= 128:
-        c = 32
-    else:
-        c = 16
+    c = 64 if rows <= 8 else 32 if rows <= 32 else 16
     return max(1, min(c, t_len))
 
 

@@ -3,7 +3,7 @@
 * A dataclass field declared as ``name: T = field(default=..., metadata={"help": "..."})`` (``DeltaMemConfig``,
   ``DeltaMemSFTConfig``) is shown as ``name: T = <default>`` with its ``help`` text as its description, so every field
   is documented from the one place it is written.
-* Sphinx cross-reference roles in docstrings (``:class:`~peft_deltamem.state.MemoryState```) become code spans
+* Sphinx cross-reference roles in docstrings (``:class:`~peft_deltamem.memory.state.MemoryState```) become code spans
   (``MemoryState``), since docstrings are rendered as Markdown.
 """
 

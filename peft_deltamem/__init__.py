@@ -9,13 +9,13 @@ from peft.utils import register_peft_method
 from ._registry import DELTAMEM_PEFT_TYPE
 from ._version import __version__ as __version__
 from .config import DeltaMemConfig
-from .generation import MemoryCache
 from .interop.convert import convert_reference_adapter, export_reference_adapter
 from .layer import DeltaMemAttention
+from .memory.generation import MemoryCache
+from .memory.state import MemoryLayout, MemoryState
 from .model import DeltaMemModel
 from .ops import delta_rule_scan
 from .session import MemorySession
-from .state import MemoryLayout, MemoryState
 
 __all__ = [
     "DELTAMEM_PEFT_TYPE",

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import inspect
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 # Every keyword a transformers release has used for the KV cache, newest first.
 CACHE_KEYWORDS = ("cache", "past_key_values")

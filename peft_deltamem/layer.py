@@ -15,7 +15,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .config import DELTA_HEADS, DeltaMemConfig
-from .context import MemoryCallContext
+from .memory.context import CONTEXT_KWARG, MemoryCallContext
 from .ops import delta_rule_scan
 
 PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
@@ -64,12 +64,9 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
         "deltamem_delta_scale",
     )
     other_param_names = ("deltamem_config",)
-    # Counts constructions; the model-level hook re-scans the model for δ-mem layers when it changes (context.py).
-    instances_created = 0
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: DeltaMemConfig, memory_key: str) -> None:
         super().__init__()
-        DeltaMemAttention.instances_created += 1
         projections = find_projections(base_layer)
         if projections is None:
             raise ValueError(
@@ -181,7 +178,7 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
     # ----- forward -------------------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Read (and write) the memory from the attention input, then run the base attention with corrections."""
-        context: MemoryCallContext | None = kwargs.pop("deltamem_context", None)
+        context: MemoryCallContext | None = kwargs.pop(CONTEXT_KWARG, None)
         adapter = self._current_adapter()
         if adapter is None:
             return self.base_layer(*args, **kwargs)

@@ -3,27 +3,31 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from peft.tuners.tuners_utils import BaseTuner
-from torch import nn
 
-from .checkpointing import restore_checkpointing
-from .config import DeltaMemConfig
-from .context import active_layers, install_memory_hooks, remove_memory_hooks
-from .generation import generate_with_memory
 from .layer import PROJECTIONS, DeltaMemAttention, find_projections
-from .state import MemoryState
+from .memory.checkpointing import restore_checkpointing
+from .memory.generation import generate_with_memory
+from .memory.hooks import active_layers, install_memory_hooks, remove_memory_hooks
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .config import DeltaMemConfig
+    from .memory.state import MemoryState
 
 
 class DeltaMemModel(BaseTuner):
     """Adds δ-mem to a transformers decoder. Created by ``peft.get_peft_model(model, DeltaMemConfig(...))``.
 
     Each targeted attention module is wrapped in a :class:`~peft_deltamem.layer.DeltaMemAttention`; a hook on the base
-    model carries the ``memory=`` argument of each call to those layers (see :mod:`peft_deltamem.context`).
+    model carries the ``memory=`` argument of each call to those layers (see :mod:`peft_deltamem.memory.hooks`).
 
     Besides the base model's own arguments, a forward call of the ``PeftModel`` accepts:
 
-    * ``memory``: a :class:`~peft_deltamem.state.MemoryState`, read and advanced in place by the call's writes.
+    * ``memory``: a :class:`~peft_deltamem.memory.state.MemoryState`, read and advanced in place by the call's writes.
       Without it the call starts from an empty memory and keeps nothing.
     * ``memory_write`` (default ``True``): ``False`` makes the call read-only; the memory is left unchanged.
     * ``memory_read`` (default ``True``): ``False`` makes a write-only call: the layers write but add no corrections.
@@ -62,7 +66,17 @@ class DeltaMemModel(BaseTuner):
         return peft_config
 
     def _post_injection_hook(self, model: nn.Module, config: DeltaMemConfig, adapter_name: str) -> None:
-        install_memory_hooks(model)
+        self._hand_layers_to_memory_hooks(model)
+
+    def inject_adapter(self, model: nn.Module, *args, **kwargs) -> None:
+        # Also reached by add_adapter / load_adapter, which do not run _post_injection_hook: a new adapter may wrap
+        # more modules, so the memory hooks get the new layer list.
+        super().inject_adapter(model, *args, **kwargs)
+        self._hand_layers_to_memory_hooks(model)
+
+    @staticmethod
+    def _hand_layers_to_memory_hooks(model: nn.Module) -> None:
+        install_memory_hooks(model, [m for m in model.modules() if isinstance(m, DeltaMemAttention)])
 
     def _create_and_replace(
         self,

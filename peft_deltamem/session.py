@@ -1,7 +1,7 @@
 """`MemorySession`: a chat whose prompt holds only the recent turns while older ones live in the δ-mem memory.
 
 The point of δ-mem is that a model can drop old turns from its prompt and still act on them. A session keeps one
-:class:`~peft_deltamem.state.MemoryState` (batch of one) for a δ-mem ``PeftModel`` and does the bookkeeping:
+:class:`~peft_deltamem.memory.state.MemoryState` (batch of one) for a δ-mem ``PeftModel`` and does the bookkeeping:
 
 * :meth:`MemorySession.write` writes turns into the memory without generating;
 * :meth:`MemorySession.reply` answers from a short prompt (system + the last ``keep_last`` turns + the new user
@@ -52,8 +52,8 @@ from transformers import DynamicCache, TextIteratorStreamer
 from ._compat import cache_kwargs
 from ._io import atomic_path
 from ._registry import DELTAMEM_PEFT_TYPE
+from .memory.state import MemoryState
 from .segments import NOT_WRITTEN, encode_conversation, validate_messages
-from .state import MemoryState
 
 __all__ = ["AdapterMismatchError", "MemorySession", "adapter_identity"]
 
@@ -291,8 +291,8 @@ class MemorySession:
                     memory_record_write_gates=True,
                     use_cache=False,
                 )
-                _merge_stats(stats, _gate_stats(self.memory.last_write_gates, heads))
-        self.memory.last_write_gates = {}  # drop the recorded tensors; the statistics are kept
+                # take_write_gates: the memory forgets the recorded tensors; the statistics are kept
+                _merge_stats(stats, _gate_stats(self.memory.take_write_gates(), heads))
         self._last_gates = stats
         _merge_stats(self._total_gates, stats)
 
@@ -319,7 +319,7 @@ class MemorySession:
                 memory_record_write_gates=written,
             )
             if written:
-                _merge_stats(stats, _gate_stats(self.memory.last_write_gates, heads))
+                _merge_stats(stats, _gate_stats(self.memory.take_write_gates(), heads))
             start = end
 
     # ----- replying ------------------------------------------------------------------------------------------------

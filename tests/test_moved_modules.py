@@ -16,6 +16,10 @@ MOVED = {
     "peft_deltamem.convert": "peft_deltamem.interop.convert",
     "peft_deltamem.hub": "peft_deltamem.interop.hub",
     "peft_deltamem.models": "peft_deltamem.interop.base_models",
+    "peft_deltamem.state": "peft_deltamem.memory.state",
+    "peft_deltamem.context": "peft_deltamem.memory.hooks",
+    "peft_deltamem.checkpointing": "peft_deltamem.memory.checkpointing",
+    "peft_deltamem.generation": "peft_deltamem.memory.generation",
 }
 
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from .._compat import cache_kwargs, output_cache
-from ..state import MemoryState
+from ..memory.state import MemoryState
 from .ladder import history_messages
 from .retrieval import bm25_top_k
 from .scoring import bootstrap_ci, contains_match, exact_match, locomo_f1
@@ -309,9 +309,7 @@ def _pad_id(tokenizer: Any) -> int:
 
 def _zero_memory(memory: MemoryState) -> MemoryState:
     """A memory of the same layout and rows with every state zero (what a fresh memory reads)."""
-    zero = memory.detach()
-    zero.states = {k: torch.zeros_like(v) for k, v in zero.states.items()}
-    return zero
+    return memory.detach().zeros_like()
 
 
 # ----------------------------------------------------------------------------------------------------- write pass

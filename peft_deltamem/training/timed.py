@@ -99,12 +99,12 @@ class ProbeCallback(TrainerCallback):
 
     def probe(self, step: int) -> dict[str, float]:
         """Score the probe set now and append a point to the curve."""
-        start = self.budget.now()
+        start, trained = self.budget.now(), self.budget.elapsed()  # read before the probe: its time is not training
         result = evaluate_task(self.model, self.tokenizer, self.task, self.settings)
         systems = result["systems"]
         point = {
             "step": self.start_step + step,
-            "minutes": round(self.start_minutes + self.budget.elapsed() / 60.0, 3),
+            "minutes": round(self.start_minutes + trained / 60.0, 3),
             "loss": self._last_loss,
             "own": systems["deltamem"]["accuracy"],
             "other": systems["deltamem_other_memory"]["accuracy"],

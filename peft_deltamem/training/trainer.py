@@ -27,7 +27,7 @@ from trl.data_utils import get_dataset_column_names
 from trl.trainer.utils import global_then_local_main_first
 
 from ..config import DeltaMemConfig
-from ..state import MemoryState
+from ..memory.state import MemoryState
 from .collator import DeltaMemEpisodeCollator
 from .data import INVALID_ROWS, DataError, check_conversation, report_invalid, validate_dataset
 from .episodes import EPISODE_TURNS, EpisodeOptions, build_episodes
@@ -298,7 +298,7 @@ class DeltaMemSFTTrainer(SFTTrainer):
         args = self.args
         memory = MemoryState()
         self._write_pass(model, inputs, memory)
-        write_gate = _mean_write_gate(memory.last_write_gates)
+        write_gate = _mean_write_gate(memory.take_write_gates())
         # Message / sentence reads of a forward see the memory from its start, so read-pass writes could not change
         # the loss there; they are only done for token writes.
         read_writes = args.read_pass_writes and self.adapter_config.write_granularity == "token"

@@ -8,7 +8,7 @@ import torch
 from peft import get_peft_model
 
 from peft_deltamem import DeltaMemAttention, DeltaMemConfig, MemoryState
-from peft_deltamem.context import active_layers
+from peft_deltamem.memory.hooks import active_layers
 from tests.helpers.tiny_models import random_ids, tiny_model
 
 

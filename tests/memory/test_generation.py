@@ -11,10 +11,10 @@ import transformers
 from peft import get_peft_model
 from transformers import DynamicCache
 
-import peft_deltamem.context as context_module
+import peft_deltamem.memory.hooks as context_module
 from peft_deltamem import DeltaMemConfig, MemoryState
 from peft_deltamem._compat import CACHE_KEYWORDS, cache_keyword
-from peft_deltamem.generation import MemoryCache
+from peft_deltamem.memory.generation import MemoryCache
 from tests.helpers.tiny_models import random_ids, randomize_adapter, tiny_model
 
 NEW_TOKENS = 6

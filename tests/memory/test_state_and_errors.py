@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import get_peft_model
 
-import peft_deltamem.state as state_module
+import peft_deltamem.memory.state as state_module
 from peft_deltamem import DeltaMemConfig, MemoryState
 from tests.helpers.tiny_models import random_ids, tiny_model
 

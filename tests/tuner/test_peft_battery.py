@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from peft_deltamem import DeltaMemAttention, DeltaMemConfig, MemoryState
-from peft_deltamem.checkpointing import ExactCheckpoint
+from peft_deltamem.memory.checkpointing import ExactCheckpoint
 from peft_deltamem.ops import delta_rule_scan
 from tests.helpers.tiny_models import random_ids, randomize_adapter, tiny_model
 

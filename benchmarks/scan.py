@@ -1,22 +1,35 @@
 """Benchmark the memory recurrence: recurrent (token by token) vs chunked (chunkwise-parallel), DESIGN.md §2.
 
-    python benchmarks/scan.py [--smoke] [--out benchmarks/results/scan.json] [--chunk-size 64] [--device cpu]
+    python benchmarks/scan.py --threads 1 [--docs docs/benchmarks.md] [--smoke] [--out benchmarks/results/scan.json]
 
-For every (T, r, N) it times the forward (under ``torch.no_grad``, the prefill path) and the forward+backward
-(gradients of a fixed random linear function of the reads and the final state w.r.t. q, k, v, the three gates and
-the initial state: the training path) of both implementations, and reports median times, the speedup
-(recurrent / chunked) and, beside them, the max abs difference between the two in reads, final state and every
-gradient. Inputs look like the layer's: q, k = l2norm(tanh(·)), β = sigmoid(· − 1.5) rank-wise, keep = 1 − β
-(standard mode, coupled λ), a random initial state.
+For every (T, r, N) of the grid it times, interleaved round by round (so load on a shared machine falls on all of
+them alike), the forward (under ``torch.no_grad``, the prefill path) and the forward+backward (gradients of a fixed
+random linear function of the reads and the final state w.r.t. q, k, v, the three gates and the initial state: the
+training path) of both implementations, and reports their median times, the speed-up (recurrent / chunked), the
+max abs difference between the two in reads, final state and every gradient, the chunked forward+backward's peak
+memory (in a fresh subprocess), and how far each time is from the machine's arithmetic limit:
 
-The recurrent forward+backward at T = 8192 takes tens of seconds per call on a CPU, so it is timed with no warm-up
-and a single repeat (``--slow-repeats``); the table's "repeats" column says what each time is a median of.
+- FLOPs of the operator: the token loop's multiply-adds, 7·N·T·r² for the forward (per token and state row: the
+  read s·q and s·k, 2r each, and the update keep·s + u·k, 3r), three times that for forward+backward (the adjoint
+  recurrence does two such products per forward one);
+- limit = FLOPs / the single-core float32 matmul throughput measured in the same run (the best of square matmuls
+  of 256 and 512, before and after the grid), so "% of limit" = limit / measured time.
+
+Plus one extra shape for the ≥ 20× bar: T 8192, r 8, N 1 with a random mask (30 % of tokens masked) and an initial
+state. Inputs look like the layer's: q, k = l2norm(tanh(·)), β = sigmoid(· − 1.5) rank-wise, keep = 1 − β (standard
+mode, coupled λ), a random initial state. The chunked form runs with its default chunk size for the shape
+(``chunk_size=None``); a sweep over chunk sizes on three shapes shows what that rule picks from.
+
+``--docs PATH`` rewrites the part of PATH between ``<!-- scan-results:begin -->`` and ``<!-- scan-results:end -->``
+with the tables of this run.
 """
 
 from __future__ import annotations
 
+import re
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,32 +43,53 @@ for _path in (_HERE, _HERE.parent):  # run from a checkout without installing: `
 import _timing  # noqa: E402
 
 from peft_deltamem.ops import delta_rule_scan  # noqa: E402
+from peft_deltamem.ops.chunked import default_chunk_size  # noqa: E402
 
-FULL = {"T": (512, 2048, 8192), "r": (8, 16), "N": (1, 4), "chunk_sweep": (16, 32, 64, 128)}
-SMOKE = {"T": (40, 130), "r": (4,), "N": (1, 2), "chunk_sweep": (8, 64)}
+FULL = {
+    "T": (512, 2048, 8192),
+    "r": (8, 16, 32),
+    "N": (1, 4, 16),
+    "masked": (8192, 8, 1),
+    "chunk_sweep_T": 2048,
+    "chunk_sweep_shapes": ((8, 1), (16, 4), (32, 16)),
+    "chunk_sweep": (16, 32, 64),
+}
+SMOKE = {
+    "T": (40, 130),
+    "r": (4,),
+    "N": (1, 2),
+    "masked": (130, 4, 1),
+    "chunk_sweep_T": 130,
+    "chunk_sweep_shapes": ((4, 2),),
+    "chunk_sweep": (8, 64),
+}
 IMPLS = ("recurrent", "chunked")
 GRAD_NAMES = ("q", "k", "v", "keep", "erase", "write", "state")
+MASKED_FRACTION = 0.3
+BARS = {"fwd_speedup": 1.0, "fwdbwd_speedup": 5.0, "masked_fwdbwd_speedup": 20.0, "peak_mb": 64.0}
+PEAK_BAR_SHAPE = (8192, 16, 4)  # (T, r, N)
+DOCS_BEGIN, DOCS_END = "<!-- scan-results:begin -->", "<!-- scan-results:end -->"
 
-SHAPE_COLUMNS = {"T": "T", "r": "r", "N": "N"}
+SHAPE_COLUMNS = {"T": "T", "r": "r", "N": "N", "chunk_size": "C"}
 COLUMNS = {
     **SHAPE_COLUMNS,
-    "fwd_recurrent_ms": "fwd rec ms",
-    "fwd_chunked_ms": "fwd chunk ms",
     "fwd_speedup": "fwd ×",
-    "fwdbwd_recurrent_ms": "fwd+bwd rec ms",
-    "fwdbwd_chunked_ms": "fwd+bwd chunk ms",
+    "fwd_chunked_limit_pct": "fwd chunked % of limit",
+    "fwd_recurrent_limit_pct": "fwd recurrent % of limit",
     "fwdbwd_speedup": "fwd+bwd ×",
-    "repeats": "repeats rec/chunk (fwd; fwd+bwd)",
-    "max_diff_reads": "max|Δ| reads",
-    "max_diff_state": "max|Δ| state",
-    "max_diff_grads": "max|Δ| grads",
-    "chunked_fwdbwd_peak_mb": "chunk fwd+bwd peak MB",
+    "fwdbwd_chunked_limit_pct": "fwd+bwd chunked % of limit",
+    "fwdbwd_recurrent_limit_pct": "fwd+bwd recurrent % of limit",
+    "chunked_fwdbwd_peak_mb": "chunked fwd+bwd peak MB",
+    "max_diff": "max abs diff",
 }
 SWEEP_COLUMNS = {
-    **SHAPE_COLUMNS,
+    "T": "T",
+    "r": "r",
+    "N": "N",
     "chunk_size": "chunk size",
-    "fwd_chunked_ms": "fwd ms",
-    "fwdbwd_chunked_ms": "fwd+bwd ms",
+    "fwd_rel": "fwd time / best",
+    "fwdbwd_rel": "fwd+bwd time / best",
+    "picked": "default",
 }
 
 
@@ -75,47 +109,99 @@ def make_inputs(n: int, t: int, r: int, device: torch.device, seed: int = 0) -> 
     return [x.to(device).requires_grad_() for x in (q, k, v, keep, erase, write, state)]
 
 
+def make_mask(n: int, t: int, device: torch.device, seed: int = 2) -> torch.Tensor:
+    """A random mask with :data:`MASKED_FRACTION` of the tokens invalid."""
+    return (torch.rand(n, t, generator=torch.Generator().manual_seed(seed)) >= MASKED_FRACTION).to(device)
+
+
 def _weights(n: int, t: int, r: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     return torch.randn(n, t, r, generator=gen).to(device), torch.randn(n, r, r, generator=gen).to(device)
 
 
-def run_case(
-    n: int, t: int, r: int, *, chunk_size: int, device: torch.device, repeats: int, slow_repeats: int, slow_t: int
-) -> dict[str, Any]:
-    """Time both implementations on one shape and compare their outputs and gradients."""
-    leaves = make_inputs(n, t, r, device)
-    w_reads, w_state = _weights(n, t, r, device)
+def scan_flops(n: int, t: int, r: int) -> dict[str, float]:
+    """The operator's arithmetic: 7·N·T·r² FLOPs forward (per token and row: s·q, s·k and the update), ×3 with the
+    backward."""
+    fwd = 7.0 * n * t * r * r
+    return {"fwd": fwd, "fwdbwd": 3.0 * fwd}
+
+
+def matmul_gflops(device: torch.device, sizes: Sequence[int] = (256, 512), seconds: float = 0.3) -> float:
+    """The best float32 matmul throughput (GFLOP/s) over square sizes, on the current thread setting."""
+    best = 0.0
+    for size in sizes:
+        a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+        a @ b  # warm-up
+        calls, start = 0, time.perf_counter()
+        while calls < 3 or time.perf_counter() - start < seconds:
+            a @ b
+            calls += 1
+        _timing._sync(device)
+        best = max(best, 2.0 * size**3 * calls / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def add_limits(row: dict[str, Any], gflops: float) -> None:
+    """The arithmetic limit of the row's shape at ``gflops``, and how close each measured time comes to it."""
+    flops = scan_flops(row["N"], row["T"], row["r"])
+    for mode in ("fwd", "fwdbwd"):
+        limit_s = flops[mode] / (gflops * 1e9)
+        row[f"{mode}_flops"] = flops[mode]
+        row[f"{mode}_limit_ms"] = limit_s * 1e3
+        for impl in IMPLS:
+            row[f"{mode}_{impl}_limit_pct"] = 100.0 * limit_s / (row[f"{mode}_{impl}_ms"] / 1e3)
+
+
+def _shape_calls(
+    leaves: list[torch.Tensor], mask: torch.Tensor | None, w_reads: torch.Tensor, w_state: torch.Tensor, last: dict
+) -> dict[str, Callable[[], None]]:
+    """The four timed calls of one shape; each forward+backward leaves its result in ``last[impl]``."""
 
     def forward(impl: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return delta_rule_scan(*leaves, impl=impl, chunk_size=chunk_size)
+        return delta_rule_scan(*leaves, mask=mask, impl=impl, chunk_size=None)
 
-    def forward_backward(impl: str) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    def fwd(impl: str) -> None:
+        with torch.no_grad():
+            forward(impl)
+
+    def fwd_bwd(impl: str) -> None:
         reads, final = forward(impl)
         loss = (reads * w_reads).sum() + (final * w_state).sum()
-        return reads, final, torch.autograd.grad(loss, leaves)
+        last[impl] = (reads.detach(), final.detach(), torch.autograd.grad(loss, leaves))
 
-    row: dict[str, Any] = {"T": t, "r": r, "N": n}
-    reps = []
-    last: dict[str, Any] = {}  # the last forward+backward result of each impl, for the accuracy columns
+    calls = {}
+    for impl in IMPLS:
+        calls[f"fwd_{impl}"] = lambda impl=impl: fwd(impl)
+        calls[f"fwdbwd_{impl}"] = lambda impl=impl: fwd_bwd(impl)
+    return calls
+
+
+def run_case(
+    n: int,
+    t: int,
+    r: int,
+    *,
+    device: torch.device,
+    rounds: int,
+    masked: bool = False,
+    peak: Callable[[int, int, int, bool], dict[str, Any]],
+) -> dict[str, Any]:
+    """Time both implementations on one shape, interleaved; compare their outputs and gradients; peak memory."""
+    leaves = make_inputs(n, t, r, device)
+    mask = make_mask(n, t, device) if masked else None
+    w_reads, w_state = _weights(n, t, r, device)
+    last: dict[str, Any] = {}
+    timings = _timing.interleaved(_shape_calls(leaves, mask, w_reads, w_state, last), rounds=rounds, warmup=1)
+
+    row: dict[str, Any] = {"T": t, "r": r, "N": n, "chunk_size": default_chunk_size(n, t, r), "rounds": rounds}
+    if masked:
+        row["masked_fraction"] = MASKED_FRACTION
     for mode in ("fwd", "fwdbwd"):
         for impl in IMPLS:
-            slow = impl == "recurrent" and mode == "fwdbwd" and t >= slow_t
-            warmup, rep = (0, slow_repeats) if slow else (1, repeats)
-
-            def call(impl: str = impl, mode: str = mode) -> None:
-                if mode == "fwd":
-                    with torch.no_grad():
-                        forward(impl)
-                else:
-                    last[impl] = forward_backward(impl)
-
-            timing = _timing.time_fn(call, warmup=warmup, repeats=rep, device=device)
+            timing = timings[f"{mode}_{impl}"]
             row[f"{mode}_{impl}_ms"] = timing["median_s"] * 1e3
             row[f"{mode}_{impl}_times_s"] = timing["times_s"]
-            reps.append(str(rep))
         row[f"{mode}_speedup"] = row[f"{mode}_recurrent_ms"] / row[f"{mode}_chunked_ms"]
-    row["repeats"] = f"{reps[0]}/{reps[1]}; {reps[2]}/{reps[3]}"
 
     (rec_reads, rec_final, rec_grads), (chk_reads, chk_final, chk_grads) = last["recurrent"], last["chunked"]
     row["max_diff_reads"] = (rec_reads - chk_reads).abs().max().item()
@@ -123,51 +209,166 @@ def run_case(
     grad_diffs = {name: (a - b).abs().max().item() for name, a, b in zip(GRAD_NAMES, rec_grads, chk_grads, strict=True)}
     row["max_diff_grads"] = max(grad_diffs.values())
     row["max_diff_grad_by_input"] = grad_diffs
+    row["max_diff"] = max(row["max_diff_reads"], row["max_diff_state"], row["max_diff_grads"])
     last.clear()
-    peak = _timing.peak_memory(lambda: forward_backward("chunked"), device=device)
-    row["chunked_fwdbwd_peak_mb"] = peak["peak_bytes"] / 2**20
-    row["peak_method"] = peak["method"]
+    measured = peak(n, t, r, masked)
+    row["chunked_fwdbwd_peak_mb"] = measured["peak_mb"]
+    row["peak_method"] = measured["method"]
     return row
 
 
-def chunk_sweep(
-    n: int, t: int, r: int, sizes: Sequence[int], *, device: torch.device, repeats: int
-) -> list[dict[str, Any]]:
-    """Chunked form only: forward and forward+backward time against the chunk size, on one shape."""
-    leaves = make_inputs(n, t, r, device)
-    w_reads, w_state = _weights(n, t, r, device)
-    rows = []
+def _chunk_size_calls(
+    leaves: list[torch.Tensor], w_reads: torch.Tensor, w_state: torch.Tensor, sizes: Sequence[int]
+) -> dict[tuple[str, int], Callable[[], None]]:
+    """The chunked form's forward and forward+backward at each chunk size, on one shape."""
+
+    def fwd(size: int) -> None:
+        with torch.no_grad():
+            delta_rule_scan(*leaves, impl="chunked", chunk_size=size)
+
+    def fwd_bwd(size: int) -> None:
+        reads, final = delta_rule_scan(*leaves, impl="chunked", chunk_size=size)
+        torch.autograd.grad((reads * w_reads).sum() + (final * w_state).sum(), leaves)
+
+    calls: dict[tuple[str, int], Callable[[], None]] = {}
     for size in sizes:
+        calls[("fwd", size)] = lambda size=size: fwd(size)
+        calls[("fwdbwd", size)] = lambda size=size: fwd_bwd(size)
+    return calls
 
-        def fwd(size: int = size) -> None:
-            with torch.no_grad():
-                delta_rule_scan(*leaves, impl="chunked", chunk_size=size)
 
-        def fwd_bwd(size: int = size) -> None:
-            reads, final = delta_rule_scan(*leaves, impl="chunked", chunk_size=size)
-            torch.autograd.grad((reads * w_reads).sum() + (final * w_state).sum(), leaves)
-
-        row = {"T": t, "r": r, "N": n, "chunk_size": size}
-        for mode, fn in (("fwd", fwd), ("fwdbwd", fwd_bwd)):
-            row[f"{mode}_chunked_ms"] = _timing.time_fn(fn, repeats=repeats, device=device)["median_s"] * 1e3
-        rows.append(row)
+def chunk_sweep(
+    t: int, shapes: Sequence[tuple[int, int]], sizes: Sequence[int], *, device: torch.device, rounds: int
+) -> list[dict[str, Any]]:
+    """Chunked form only: forward and forward+backward time against the chunk size (interleaved), per shape."""
+    rows = []
+    for r, n in shapes:
+        calls = _chunk_size_calls(make_inputs(n, t, r, device), *_weights(n, t, r, device), sizes)
+        timings = _timing.interleaved(calls, rounds=rounds, warmup=1)
+        best = {mode: min(timings[(mode, size)]["median_s"] for size in sizes) for mode in ("fwd", "fwdbwd")}
+        picked = default_chunk_size(n, t, r)
+        for size in sizes:
+            row = {"T": t, "r": r, "N": n, "chunk_size": size, "picked": "yes" if size == picked else ""}
+            for mode in ("fwd", "fwdbwd"):
+                median = timings[(mode, size)]["median_s"]
+                row[f"{mode}_chunked_ms"] = median * 1e3
+                row[f"{mode}_rel"] = median / best[mode]
+            rows.append(row)
     return rows
 
 
+def _probe(spec: str, device: torch.device) -> None:
+    """Subprocess side of the memory probe: peak memory of one chunked forward+backward ``T,r,N[,masked]``."""
+    t, r, n, masked = (*map(int, spec.split(",")), 0)[:4]
+    leaves = make_inputs(n, t, r, device)
+    mask = make_mask(n, t, device) if masked else None
+    w_reads, w_state = _weights(n, t, r, device)
+
+    def fwd_bwd() -> None:
+        reads, final = delta_rule_scan(*leaves, mask=mask, impl="chunked")
+        torch.autograd.grad((reads * w_reads).sum() + (final * w_state).sum(), leaves)
+
+    fwd_bwd()  # warm-up: one-time allocations (thread pools, LAPACK workspaces) are not the scan's
+    _timing.print_probe(_timing.peak_mb(fwd_bwd))
+
+
+def summarize_bars(rows: Sequence[dict[str, Any]], masked: dict[str, Any]) -> dict[str, Any]:
+    """The acceptance bars of issue 17 on this run: worst and best ratios with their shapes, and whether each holds."""
+
+    def shape(row: dict[str, Any]) -> str:
+        return f"T {row['T']}, r {row['r']}, N {row['N']}"
+
+    out: dict[str, Any] = {}
+    for key in ("fwd_speedup", "fwdbwd_speedup"):
+        worst, best = min(rows, key=lambda row: row[key]), max(rows, key=lambda row: row[key])
+        out[key] = {
+            "bar": BARS[key],
+            "met": all(row[key] >= BARS[key] for row in rows),
+            "worst": worst[key],
+            "worst_shape": shape(worst),
+            "best": best[key],
+            "best_shape": shape(best),
+            "below_bar": [shape(row) for row in rows if row[key] < BARS[key]],
+        }
+    out["masked_fwdbwd_speedup"] = {
+        "bar": BARS["masked_fwdbwd_speedup"],
+        "met": masked["fwdbwd_speedup"] >= BARS["masked_fwdbwd_speedup"],
+        "value": masked["fwdbwd_speedup"],
+        "shape": shape(masked) + ", random mask, initial state",
+    }
+    peak_rows = [row for row in rows if (row["T"], row["r"], row["N"]) == PEAK_BAR_SHAPE]
+    if peak_rows:
+        out["peak_mb"] = {
+            "bar": BARS["peak_mb"],
+            "met": peak_rows[0]["chunked_fwdbwd_peak_mb"] <= BARS["peak_mb"],
+            "value": peak_rows[0]["chunked_fwdbwd_peak_mb"],
+            "shape": shape(peak_rows[0]),
+        }
+    out["max_diff"] = max(row["max_diff"] for row in [*rows, masked])
+    return out
+
+
+def _bar_lines(bars: dict[str, Any]) -> list[str]:
+    lines = []
+    names = {"fwd_speedup": "forward", "fwdbwd_speedup": "forward+backward"}
+    for key, name in names.items():
+        bar = bars[key]
+        lines.append(
+            f"- {name} ≥ {bar['bar']:g}× at every shape: **{'met' if bar['met'] else 'not met'}** — worst"
+            f" {bar['worst']:.2f}× ({bar['worst_shape']}), best {bar['best']:.1f}× ({bar['best_shape']})"
+            + (f"; below the bar: {'; '.join(bar['below_bar'])}" if bar["below_bar"] else "")
+            + "."
+        )
+    masked = bars["masked_fwdbwd_speedup"]
+    lines.append(
+        f"- forward+backward ≥ {masked['bar']:g}× at {masked['shape']}: **{'met' if masked['met'] else 'not met'}**"
+        f" — {masked['value']:.1f}×."
+    )
+    if "peak_mb" in bars:
+        peak = bars["peak_mb"]
+        lines.append(
+            f"- chunked forward+backward peak ≤ {peak['bar']:g} MB at {peak['shape']}:"
+            f" **{'met' if peak['met'] else 'not met'}** — {peak['value']:.1f} MB."
+        )
+    lines.append(f"- largest difference from the token loop (reads, state, every gradient): {bars['max_diff']:.1e}.")
+    return lines
+
+
+def update_docs(path: Path, text: str) -> None:
+    """Replace what lies between :data:`DOCS_BEGIN` and :data:`DOCS_END` in ``path`` with ``text``."""
+    doc = path.read_text()
+    pattern = re.compile(re.escape(DOCS_BEGIN) + r".*?" + re.escape(DOCS_END), re.S)
+    if not pattern.search(doc):
+        raise ValueError(f"{path}: no {DOCS_BEGIN} ... {DOCS_END} section to update")
+    path.write_text(pattern.sub(lambda _: f"{DOCS_BEGIN}\n{text}\n{DOCS_END}", doc))
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark, print the markdown table, write the JSON; returns the JSON object."""
+    """Run the benchmark, print the markdown tables, write the JSON (and the docs section); returns the JSON object."""
     parser = _timing.benchmark_parser(__doc__, "scan")
-    parser.add_argument("--chunk-size", type=int, default=64, help="chunk size of the chunked form")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 5; smoke 1)")
-    parser.add_argument("--slow-repeats", type=int, default=1, help="repeats for recurrent fwd+bwd at T >= --slow-t")
-    parser.add_argument("--slow-t", type=int, default=8192, help="from this T on, recurrent fwd+bwd is 'slow'")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per shape (default 5; smoke 1)")
+    parser.add_argument("--slow-rounds", type=int, default=3, help="timed rounds at the grid's largest T")
+    parser.add_argument("--docs", type=Path, default=None, help="rewrite this file's scan results section")
+    _timing.add_probe_args(parser, ("SHAPE", "IMPL"))
     args = _timing.parse_args(parser, argv)
     device = torch.device(args.device)
+    if args.probe:
+        _probe(args.probe[0], device)
+        return {}
     grid = SMOKE if args.smoke else FULL
-    repeats = args.repeats or (1 if args.smoke else 5)
+    rounds = args.rounds or (1 if args.smoke else 5)
+    slow_rounds = min(rounds, args.slow_rounds)
+
+    def peak(n: int, t: int, r: int, masked: bool) -> dict[str, Any]:
+        probe = ["--device", args.device, "--probe", f"{t},{r},{n},{int(masked)}", "chunked"]
+        return _timing.measure_peak(
+            lambda: None, Path(__file__), probe, in_process=args.in_process_memory, threads=args.threads
+        )
 
     machine = _timing.start_report("scan benchmark", args.smoke, device)
+    gflops_start = matmul_gflops(device)
+    print(f"matmul throughput: {gflops_start:.1f} GFLOP/s", flush=True)  # the limit: see add_limits
     rows = []
     for t in grid["T"]:
         for r in grid["r"]:
@@ -176,53 +377,83 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     n,
                     t,
                     r,
-                    chunk_size=args.chunk_size,
                     device=device,
-                    repeats=repeats,
-                    slow_repeats=args.slow_repeats,
-                    slow_t=args.slow_t,
+                    rounds=slow_rounds if t == max(grid["T"]) else rounds,
+                    peak=peak,
                 )
                 rows.append(row)
                 print(
-                    f"T={t} r={r} N={n}: fwd+bwd {row['fwdbwd_recurrent_ms']:.0f} ms vs {row['fwdbwd_chunked_ms']:.1f}"
-                    f" ms ({row['fwdbwd_speedup']:.0f}×), max diff {row['max_diff_grads']:.1e}",
+                    f"T={t} r={r} N={n}: fwd {row['fwd_speedup']:.2f}×, fwd+bwd {row['fwdbwd_speedup']:.1f}×,"
+                    f" peak {row['chunked_fwdbwd_peak_mb']:.1f} MB, max diff {row['max_diff']:.1e}",
                     flush=True,
                 )
-    sweep_shapes = [(1, max(grid["T"]), min(grid["r"])), (max(grid["N"]), max(grid["T"]), max(grid["r"]))]
-    sweep = [
-        row
-        for shape in dict.fromkeys(sweep_shapes)
-        for row in chunk_sweep(*shape, grid["chunk_sweep"], device=device, repeats=min(repeats, 3))
-    ]
+    t, r, n = grid["masked"]
+    masked = run_case(n, t, r, device=device, rounds=slow_rounds, masked=True, peak=peak)
+    print(f"masked T={t} r={r} N={n}: fwd+bwd {masked['fwdbwd_speedup']:.1f}×", flush=True)
+    sweep = chunk_sweep(
+        grid["chunk_sweep_T"], grid["chunk_sweep_shapes"], grid["chunk_sweep"], device=device, rounds=min(rounds, 3)
+    )
+    gflops_end = matmul_gflops(device)
+    gflops = max(gflops_start, gflops_end)
+    for row in (*rows, masked):  # the limit: the best throughput measured in the run
+        add_limits(row, gflops)
+    bars = summarize_bars(rows, masked)
+
     notes = [
-        "Times are medians of 'repeats' timed calls (recurrent/chunked; forward; forward+backward), after 1 warm-up"
-        " call, wall clock.",
-        f"Recurrent forward+backward at T >= {args.slow_t}: no warm-up, {args.slow_repeats} repeat(s) (slow).",
+        "Times are medians of interleaved rounds (each round calls recurrent/chunked × fwd/fwd+bwd once, in turn),"
+        f" after 1 warm-up round: {rounds} rounds, {slow_rounds} at T = {max(grid['T'])}; wall clock, one thread.",
         "fwd = forward under torch.no_grad; fwd+bwd = forward + torch.autograd.grad w.r.t. q, k, v, keep, erase,"
         " write and the initial state.",
-        "× = recurrent time / chunked time. max|Δ| = max abs difference recurrent vs chunked (grads: over all inputs).",
-        f"Peak MB: {rows[0]['peak_method'] if rows else ''} growth during one chunked forward+backward.",
-        f"chunk_size = {args.chunk_size}; gates [N, T, r] (rank-wise), standard mode, keep = 1 - beta; float32.",
+        "× = recurrent time / chunked time; C = the chunked form's chunk size for the shape (its default rule).",
+        f"% of limit = (7·N·T·r² FLOPs forward, ×3 for fwd+bwd) / {gflops:.0f} GFLOP/s (best single-core float32"
+        f" matmul of this run: {gflops_start:.0f} before the grid, {gflops_end:.0f} after) / measured time.",
+        "Peak MB: resident-set growth during one chunked fwd+bwd after a warm-up call, in a fresh subprocess"
+        " (glibc malloc returning freed memory at once): the inputs, allocated before, are not counted; the"
+        " gradients it returns are.",
+        "max abs diff: largest difference recurrent vs chunked over reads, final state and every gradient.",
+        "Inputs: gates [N, T, r] (rank-wise), standard mode, keep = 1 - beta, initial state 0.1·randn; float32.",
     ]
-    sweep_title = "Chunked form against the chunk size (median of up to 3 repeats):"
-    _timing.print_report(rows, COLUMNS, notes, [sweep_title, "", _timing.markdown_table(sweep, SWEEP_COLUMNS), ""])
+    machine["load_average_end"] = _timing.load_average()
+    table_rows = [*rows, {**masked, "T": f"{masked['T']} (masked)"}]
+    table = _timing.markdown_table(table_rows, COLUMNS)
+    sweep_table = _timing.markdown_table(sweep, SWEEP_COLUMNS)
+    bar_lines = _bar_lines(bars)
+    sweep_title = f"Chunked form against the chunk size (T = {grid['chunk_sweep_T']}, median of up to 3 rounds):"
+    _timing.print_report(table_rows, COLUMNS, notes, [sweep_title, "", sweep_table, "", *bar_lines, ""])
     result = {
         "benchmark": "scan",
         "smoke": args.smoke,
         "machine": machine,
         "settings": {
-            "chunk_size": args.chunk_size,
-            "repeats": repeats,
-            "slow_repeats": args.slow_repeats,
-            "slow_t": args.slow_t,
+            "rounds": rounds,
+            "slow_rounds": slow_rounds,
             "grid": grid,
             "device": str(device),
+            "matmul_gflops": {"start": gflops_start, "end": gflops_end, "used": gflops},
+            "flops": "7*N*T*r^2 forward, 3x that forward+backward",
         },
         "notes": notes,
+        "bars": bars,
         "rows": rows,
+        "masked": masked,
         "chunk_sweep": sweep,
     }
-    return _timing.save_result(args.out, result)
+    if args.docs:
+        docs_text = "\n".join(
+            [
+                f"Measured on {_timing.describe_machine(machine)}; single-core float32 matmul {gflops:.0f} GFLOP/s.",
+                "",
+                table,
+                "",
+                *bar_lines,
+                "",
+                sweep_title,
+                "",
+                sweep_table,
+            ]
+        )
+        update_docs(args.docs, docs_text)
+    return _timing.save_result(args.out, result, *([args.docs] if args.docs else []))
 
 
 if __name__ == "__main__":

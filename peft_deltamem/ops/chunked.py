@@ -201,7 +201,7 @@ def _cut(inputs: Sequence[torch.Tensor], chunk: int) -> _Chunked:
     def chunks(x: torch.Tensor) -> torch.Tensor:  # [N, L, f] -> [N, nc, C, f]
         return x.reshape(n, nc, chunk, x.shape[-1])
 
-    rows = (chunks(x).transpose(-1, -2) for x in (v, keep, erase, write))
+    rows = (chunks(x).transpose(-1, -2).contiguous() for x in (v, keep, erase, write))  # contiguous: see _system
     return _Chunked(chunks(q), chunks(k), *rows)
 
 
@@ -232,7 +232,8 @@ def _factors(x: _Chunked, shared: bool) -> _Factors:
 
 def _system(tk: torch.Tensor, ep: torch.Tensor, inv_p_out: torch.Tensor, shared: bool) -> torch.Tensor:
     """One chunk's system matrix diag(erase ⊙ P) T diag(1/P') (strictly lower; the unit diagonal is implied): [N, C, C]
-    with shared gates, else one per row [N, r, C, C]. Formed chunk by chunk, while the chunk is in cache."""
+    with shared gates, else one per row [N, r, C, C]. Formed chunk by chunk, while the chunk is in cache. Its
+    factors are contiguous (see _cut), so it is too: the triangular solver would otherwise copy it."""
     if shared:
         return (tk * inv_p_out[:, 0, None, :]).mul_(ep[:, 0, :, None])
     return (tk.unsqueeze(1) * ep.unsqueeze(-1)).mul_(inv_p_out.unsqueeze(-2))  # ep has the full width g

@@ -8,6 +8,7 @@ from peft.utils import register_peft_method
 
 from ._registry import DELTAMEM_PEFT_TYPE
 from ._version import __version__ as __version__
+from .chat.session import MemorySession
 from .config import DeltaMemConfig
 from .interop.convert import convert_reference_adapter, export_reference_adapter
 from .layer import DeltaMemAttention
@@ -15,7 +16,6 @@ from .memory.generation import MemoryCache
 from .memory.state import MemoryLayout, MemoryState
 from .model import DeltaMemModel
 from .ops import delta_rule_scan
-from .session import MemorySession
 
 __all__ = [
     "DELTAMEM_PEFT_TYPE",

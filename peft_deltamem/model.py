@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from peft.tuners.tuners_utils import BaseTuner
 
+from ._registry import DELTAMEM_PEFT_TYPE
 from .layer import PROJECTIONS, DeltaMemAttention, find_projections
 from .memory.checkpointing import restore_checkpointing
 from .memory.generation import generate_with_memory
@@ -162,3 +164,17 @@ class DeltaMemModel(BaseTuner):
         remove_memory_hooks(self.model)
         restore_checkpointing(self.model)
         return super()._unload_and_optionally_merge(merge=False, **kwargs)
+
+
+def active_deltamem_adapter(model: Any) -> tuple[str, DeltaMemConfig] | None:
+    """``(name, config)`` of the model's active adapter if it is a δ-mem adapter, else None.
+
+    None for a model that is not a ``PeftModel``, has several active adapters, or whose active adapter is of another
+    PEFT type. The one lookup of "the active δ-mem config" that sessions, training and evaluation share.
+    """
+    name = getattr(model, "active_adapter", None)
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(name, str) or not isinstance(configs, Mapping):
+        return None
+    config = configs.get(name)
+    return (name, config) if getattr(config, "peft_type", None) == DELTAMEM_PEFT_TYPE else None

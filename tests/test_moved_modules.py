@@ -20,6 +20,9 @@ MOVED = {
     "peft_deltamem.context": "peft_deltamem.memory.hooks",
     "peft_deltamem.checkpointing": "peft_deltamem.memory.checkpointing",
     "peft_deltamem.generation": "peft_deltamem.memory.generation",
+    "peft_deltamem.segments": "peft_deltamem.chat.segments",
+    "peft_deltamem.session": "peft_deltamem.chat.session",
+    "peft_deltamem.evaluation.scoring": "peft_deltamem.evaluation.metrics",
 }
 
 
@@ -30,3 +33,13 @@ def test_old_module_path_still_imports_with_a_deprecation_warning(old, new) -> N
         module = importlib.import_module(old)
     assert module is importlib.import_module(new)
     sys.modules.pop(old, None)
+
+
+def test_the_split_evaluation_pipeline_still_imports_with_a_deprecation_warning() -> None:
+    import peft_deltamem.evaluation as evaluation
+
+    sys.modules.pop("peft_deltamem.evaluation.pipeline", None)
+    with pytest.warns(DeprecationWarning, match="peft_deltamem.evaluation.protocol"):
+        pipeline = importlib.import_module("peft_deltamem.evaluation.pipeline")
+    assert pipeline.evaluate_task is evaluation.evaluate_task and pipeline.EvalSettings is evaluation.EvalSettings
+    sys.modules.pop("peft_deltamem.evaluation.pipeline", None)

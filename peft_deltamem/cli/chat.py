@@ -1,4 +1,4 @@
-"""``deltamem chat``: an interactive terminal chat on :class:`~peft_deltamem.session.MemorySession`.
+"""``deltamem chat``: an interactive terminal chat on :class:`~peft_deltamem.chat.session.MemorySession`.
 
 Each answer comes from a short prompt (system + the last ``--keep-last`` turns + the new message) and the δ-mem
 memory, into which every turn is written. Lines starting with ``/`` are commands (``/help`` lists them).
@@ -19,9 +19,12 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
+import torch
+from peft import PeftConfig, PeftModel
 from transformers import TextStreamer
 
-from ..session import MemorySession
+from ..chat.session import MemorySession
+from ..interop.base_models import load_pretrained, resolve_base_model
 from ._args import ArgumentParser
 
 COMMANDS = {
@@ -84,11 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_model(adapter: str, base: str | None, device: str | None) -> tuple[Any, Any]:
     """Load ``(peft_model, tokenizer)``: the base model (resolved offline when possible) with the adapter on top."""
-    import torch
-    from peft import PeftConfig, PeftModel
-
-    from ..interop.base_models import load_pretrained, resolve_base_model
-
     config = PeftConfig.from_pretrained(adapter)
     base = base or config.base_model_name_or_path
     if not base:

@@ -4,9 +4,9 @@ Steps: provision the base model (offline route, :mod:`peft_deltamem.interop.base
 split; train a TSW adapter with the CPU recipe (``recipes/smollm2-135m/tsw-cpu.yaml``) for at most
 ``--train-minutes`` of wall-clock time, level by level (a curriculum), probing own- vs other-memory accuracy on a few
 held-out conversations as it goes (the training-time curve; :mod:`peft_deltamem.training.timed`); evaluate the memory-only
-protocol (:mod:`peft_deltamem.evaluation.pipeline`) on the test split of every requested level; print the table,
+protocol (:mod:`peft_deltamem.evaluation.protocol`) on the test split of every requested level; print the table,
 save ``results.json``, ``results.md`` and the plots; finish with a scripted
-:class:`~peft_deltamem.session.MemorySession` exchange in which a fact from an early turn is recalled with the
+:class:`~peft_deltamem.chat.session.MemorySession` exchange in which a fact from an early turn is recalled with the
 history out of the prompt; and check the targets (:func:`check_targets`: forced choice, greedy exact match and the
 session's answer). A missed target makes the demo exit with status 1.
 """
@@ -14,13 +14,21 @@ session's answer). A missed target makes the demo exit with status 1.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .._io import write_text_atomic
-from ..evaluation.pipeline import EvalSettings
+from ..chat.session import MemorySession
+from ..evaluation import EvalSettings, evaluate_recall
+from ..evaluation.ladder import make_ladder
+from ..evaluation.metrics import contains_match
+from ..evaluation.report import levels_table, markdown_table, plot_results, plot_training_curve, write_json
+from ..interop.base_models import load_base_model
 from ..training.timed import DEFAULT_RECIPE, curriculum_stages, level_fact_types, load_recipe, train_curriculum
 from ._args import ArgumentParser, parse_levels
 from .eval import TRAINING_INFO_FILE
@@ -38,11 +46,9 @@ SESSION_QUESTION = "What is my favourite colour? Answer with one word."
 
 
 def session_exchange(model: Any, tokenizer: Any, value: str = "purple") -> dict[str, Any]:
-    """A short :class:`~peft_deltamem.session.MemorySession` chat: the early turns (a fact, then small talk) are written
+    """A short :class:`~peft_deltamem.chat.session.MemorySession` chat: the early turns (a fact, then small talk) are written
     into memory, and the question is answered from a prompt that holds the question alone. The base model (adapter
     disabled) gets the same prompt for comparison. Returns the transcript and whether the answer was right."""
-    from ..evaluation.scoring import contains_match
-    from ..session import MemorySession
 
     history = [{**m, "content": m["content"].format(value=value)} for m in SESSION_SCRIPT]
     session = MemorySession(model, tokenizer, keep_last=0)
@@ -172,7 +178,6 @@ def evaluate_levels(
     seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """The memory-only protocol on the test split of every level in ``levels``: ``{"L1": result, ...}``."""
-    from ..evaluation.pipeline import evaluate_recall
 
     results = {}
     for level in levels:
@@ -186,12 +191,6 @@ def evaluate_levels(
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Everything ``deltamem demo`` does (see the module docstring); returns what it writes to ``results.json``."""
-
-    import torch
-
-    from ..evaluation.ladder import make_ladder
-    from ..evaluation.report import levels_table, markdown_table, plot_results, plot_training_curve, write_json
-    from ..interop.base_models import load_base_model
 
     started = time.perf_counter()
     output = Path(args.output)
@@ -318,8 +317,6 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``deltamem demo``; returns the exit status: 0 when every target of :func:`check_targets` is met,
     1 (after writing every result file, with the missed targets listed on stderr) when one is not."""
-    import sys
-
     args = _parse_args(list(sys.argv[1:] if argv is None else argv))
     results = run_demo(args)
     failed = failed_targets(results["targets"])

@@ -24,8 +24,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from peft import PeftModel
+
+import peft_deltamem  # noqa: F401  (registers the DELTAMEM PEFT type)
+
 from .._io import write_text_atomic
-from ..evaluation.pipeline import BASE_SYSTEMS, SYSTEMS, EvalSettings
+from ..evaluation import BASE_SYSTEMS, SYSTEMS, EvalSettings, evaluate_locomo, evaluate_recall
+from ..evaluation.locomo import LocomoFormatError, load_locomo
+from ..evaluation.report import group_table, levels_table, markdown_table, plot_results, strip_records, write_json
+from ..interop.base_models import load_base_model
 from ._args import ArgumentParser, parse_levels
 
 TRAINING_INFO_FILE = "deltamem_training.json"
@@ -84,14 +91,9 @@ def write_pass_reads(choice: str, adapter: str | None) -> bool:
 
 def load_models(base: str, adapter: str | None) -> tuple[Any, Any]:
     """The base model (resolved offline if need be) with the adapter loaded if given; eval mode."""
-    from ..interop.base_models import load_base_model
 
     model, tokenizer = load_base_model(base)
     if adapter:
-        from peft import PeftModel
-
-        import peft_deltamem  # noqa: F401  (registers the DELTAMEM PEFT type)
-
         model = PeftModel.from_pretrained(model, adapter)
     return model.eval(), tokenizer
 
@@ -117,7 +119,6 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
 
 def save_report(results: dict[str, dict], output: str | Path, title: str) -> str:
     """Write ``results.json`` (summaries), ``records.json``, ``results.md`` and ``results.png``; returns the markdown."""
-    from ..evaluation.report import group_table, levels_table, markdown_table, plot_results, strip_records, write_json
 
     output = Path(output)
     write_json({label: strip_records(r) for label, r in results.items()}, output / "results.json")
@@ -145,8 +146,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"deltamem eval: error: {err}", file=sys.stderr)
         return 2
     if args.benchmark == "locomo":
-        from ..evaluation.locomo import LocomoFormatError, load_locomo
-
         try:
             samples = load_locomo(args.data)
         except (FileNotFoundError, LocomoFormatError) as err:
@@ -154,8 +153,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     model, tokenizer = load_models(args.base, args.adapter)
     if args.benchmark == "recall":
-        from ..evaluation.pipeline import evaluate_recall
-
         fact_types = tuple(args.fact_types.split(",")) if args.fact_types else None
         results = {}
         for level in args.levels or [args.level]:
@@ -171,8 +168,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         title = "Recall ladder, memory-only protocol"
     else:
-        from ..evaluation.pipeline import evaluate_locomo
-
         settings.forced_choice = True  # LoCoMo has no answer sets: this scores the gold answer (own-vs-other gap)
         results = {
             "LoCoMo": evaluate_locomo(model, tokenizer, samples, settings=settings, max_questions=args.max_questions)

@@ -1,6 +1,6 @@
 """Reporting evaluation results: JSON files, markdown tables and PNG charts (matplotlib, headless).
 
-Inputs are the dicts returned by :func:`peft_deltamem.evaluation.pipeline.evaluate_task` (one task) or a mapping
+Inputs are the dicts returned by :func:`peft_deltamem.evaluation.protocol.evaluate_task` (one task) or a mapping
 ``{label: result}`` of several (e.g. the ladder levels).
 """
 

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from .._io import atomic_path
 from ..config import DELTA_HEADS, DeltaMemConfig
@@ -91,8 +93,6 @@ def base_geometry(base_model_name_or_path: str | os.PathLike, **config_kwargs: A
 
     ``AutoConfig.from_pretrained`` accepts a local directory or a Hub id; only ``config.json`` is read.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     try:
         config = AutoConfig.from_pretrained(str(base_model_name_or_path), **config_kwargs)
     except Exception as exc:
@@ -354,8 +354,6 @@ def _adapter_parts(
 ) -> tuple[DeltaMemConfig, dict[str, torch.Tensor], dict[int, dict[str, int]] | None]:
     """(config, saved-format state dict, per-layer projection output sizes or None) of a model or directory."""
     if isinstance(adapter, (str, os.PathLike)):
-        from safetensors.torch import load_file
-
         directory = Path(adapter)
         config = DeltaMemConfig.from_pretrained(str(directory))
         state_dict = load_file(str(directory / PEFT_WEIGHTS_NAME))
@@ -365,8 +363,6 @@ def _adapter_parts(
             geometry = base_geometry(base)
             outputs = {i: {h: s[0] for h, s in shapes.items()} for i, shapes in geometry.projection_shapes.items()}
         return config, state_dict, outputs
-    from peft.utils import get_peft_model_state_dict
-
     config = adapter.peft_config[adapter_name]
     if not isinstance(config, DeltaMemConfig):
         raise ReferenceFormatError(f"adapter {adapter_name!r} is not a δ-mem adapter ({type(config).__name__})")

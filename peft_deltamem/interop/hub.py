@@ -21,13 +21,20 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import peft
+import torch
+import transformers
 import yaml  # a dependency of huggingface_hub
+from huggingface_hub import HfApi, ModelCard
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
 
 from .._version import __version__
 from ..config import DeltaMemConfig
@@ -70,8 +77,6 @@ def write_strategy(config: DeltaMemConfig) -> tuple[str, str]:
 
 def summarize_model(model: Any, adapter_name: str | None = None) -> AdapterSummary:
     """Summarise the δ-mem adapter of a ``PeftModel`` (the active one by default)."""
-    from peft.utils import get_peft_model_state_dict
-
     adapter_name = adapter_name or model.active_adapter
     config = model.peft_config[adapter_name]
     if not isinstance(config, DeltaMemConfig):
@@ -97,8 +102,6 @@ def summarize_directory(
     num_layers: int | None = None,
 ) -> AdapterSummary:
     """Summarise a saved δ-mem adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)."""
-    from safetensors import safe_open
-
     directory = Path(directory)
     config = DeltaMemConfig.from_pretrained(str(directory))
     keys_and_sizes: dict[str, int] = {}
@@ -181,7 +184,7 @@ def _usage(summary: AdapterSummary, repo_id: str) -> str:
     write_call = "model(**history, memory=memory)  # writes the conversation into the memory"
     if summary.config.write_granularity != "token":
         write_call = (
-            "from peft_deltamem.segments import segment_ids_for\n"
+            "from peft_deltamem.chat.segments import segment_ids_for\n"
             f'ids, segments = segment_ids_for(tokenizer, chat, "{summary.config.write_granularity}")\n'
             "model(input_ids=torch.tensor([ids]), memory=memory, memory_segment_ids=torch.tensor([segments]))"
         )
@@ -260,8 +263,6 @@ def render_model_card(
     and ``pipeline_tag`` set and the δ-mem tags added to its tags. ``results`` is a JSON file or an already parsed
     object; every leaf value becomes a row of the evaluation table.
     """
-    from huggingface_hub import ModelCard
-
     config = summary.config
     metadata: dict[str, Any] = dict(existing_metadata or {})
     tag, _ = write_strategy(config)
@@ -298,10 +299,6 @@ def render_model_card(
 
 
 def _versions() -> str:
-    import peft
-    import torch
-    import transformers
-
     return (
         "### Framework versions\n\n"
         f"- PEFT {peft.__version__}\n- peft-deltamem {__version__}\n"
@@ -334,8 +331,6 @@ def write_model_card(
     Metadata already in ``README.md`` (e.g. from PEFT's ``save_pretrained``) is kept and completed; its text is
     replaced by the δ-mem card.
     """
-    from huggingface_hub import ModelCard
-
     if isinstance(model_or_dir, (str, os.PathLike)):
         directory = Path(model_or_dir if save_directory is None else save_directory)
         summary = summarize_directory(model_or_dir, base_num_parameters=base_num_parameters, num_layers=num_layers)
@@ -372,10 +367,6 @@ def push_adapter_to_hub(
     ``PeftModel.from_pretrained(base, repo_id)``. As with PEFT's own ``save_pretrained``, an adapter not named
     ``"default"`` is stored in a subfolder named after it (load with ``subfolder=adapter_name``).
     """
-    import shutil
-
-    from huggingface_hub import HfApi
-
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     if revision is not None and not create_pr:

@@ -14,10 +14,29 @@ Needs the ``train`` extra (``trl``, ``datasets``, ``accelerate``)::
     trainer.train()
 """
 
+import importlib
+from typing import Any
+
 from .collator import DeltaMemEpisodeCollator
-from .data import DataError, check_conversation, load_conversations, validate_dataset
 from .episodes import Episode, EpisodeOptions, build_episodes, split_episode
-from .trainer import DeltaMemSFTConfig, DeltaMemSFTTrainer
+
+# What needs the ``train`` extra is imported on first use, so the episode encoding (shared with the evaluation) works
+# without trl and datasets.
+_LAZY = {
+    "DataError": "data",
+    "check_conversation": "data",
+    "load_conversations": "data",
+    "validate_dataset": "data",
+    "DeltaMemSFTConfig": "trainer",
+    "DeltaMemSFTTrainer": "trainer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DataError",

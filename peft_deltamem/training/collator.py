@@ -14,19 +14,9 @@ from typing import Any
 
 import torch
 
+from .._padding import pad_rows
+from ..chat.segments import NOT_WRITTEN
 from .episodes import IGNORE_INDEX
-
-NOT_WRITTEN = -1
-
-
-def _pad(rows: Sequence[Sequence[int]], value: int, multiple: int | None, minimum: int = 0) -> torch.Tensor:
-    length = max([len(row) for row in rows] + [minimum])
-    if multiple:
-        length = -(-length // multiple) * multiple
-    out = torch.full((len(rows), length), value, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-    return out
 
 
 @dataclass
@@ -44,16 +34,16 @@ class DeltaMemEpisodeCollator:
         """Pad a list of episode rows into a batch."""
         multiple = self.pad_to_multiple_of
         batch = {
-            "input_ids": _pad([e["input_ids"] for e in examples], self.pad_token_id, multiple),
-            "attention_mask": _pad([[1] * len(e["input_ids"]) for e in examples], 0, multiple),
-            "labels": _pad([e["labels"] for e in examples], IGNORE_INDEX, multiple),
+            "input_ids": pad_rows([e["input_ids"] for e in examples], self.pad_token_id, multiple=multiple),
+            "attention_mask": pad_rows([[1] * len(e["input_ids"]) for e in examples], 0, multiple=multiple),
+            "labels": pad_rows([e["labels"] for e in examples], IGNORE_INDEX, multiple=multiple),
         }
         writes = [e["write_input_ids"] for e in examples]
-        batch["write_input_ids"] = _pad(writes, self.pad_token_id, multiple, minimum=1)
-        batch["write_attention_mask"] = _pad([[1] * len(w) for w in writes], 0, multiple, minimum=1)
+        batch["write_input_ids"] = pad_rows(writes, self.pad_token_id, multiple=multiple, minimum=1)
+        batch["write_attention_mask"] = pad_rows([[1] * len(w) for w in writes], 0, multiple=multiple, minimum=1)
         if "write_segment_ids" in examples[0]:
             segments = [e["write_segment_ids"] for e in examples]
-            batch["write_segment_ids"] = _pad(segments, NOT_WRITTEN, multiple, minimum=1)
+            batch["write_segment_ids"] = pad_rows(segments, NOT_WRITTEN, multiple=multiple, minimum=1)
         return batch
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from ..segments import VALID_ROLES
+from ..chat.segments import VALID_ROLES
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ assistant message at index ``a``, with ``P`` the non-system messages before it:
 * **write history**: the system message + the rest of ``P`` (everything before the recent messages), rendered with the
   chat template and left-truncated to ``max_write_length`` tokens. If ``P`` has nothing before the recent messages the
   history is empty and the episode trains from an empty memory. For ``message`` / ``sentence`` writes every history
-  token also gets its segment id from :func:`peft_deltamem.segments.encode_conversation` (system = ``-1``).
+  token also gets its segment id from :func:`peft_deltamem.chat.segments.encode_conversation` (system = ``-1``).
 
 Conversations are expected to be valid (see :mod:`peft_deltamem.training.data`): a list of role/content dicts whose
 only system message, if any, comes first.
@@ -21,7 +21,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..segments import encode_conversation
+from ..chat.segments import encode_conversation
+from ..chat.templates import render_ids
+from ..config import WRITE_GRANULARITIES
 
 IGNORE_INDEX = -100
 """Label of tokens that carry no loss."""
@@ -29,7 +31,6 @@ IGNORE_INDEX = -100
 EPISODE_TURNS = ("final", "all")
 """Which assistant turns become episodes."""
 
-WRITE_GRANULARITIES = ("token", "message", "sentence")
 
 Message = Mapping[str, Any]
 
@@ -124,11 +125,6 @@ def split_episode(
     return (system + history if history else []), system + recent
 
 
-def _render_ids(tokenizer: Any, messages: Sequence[Message], template_kwargs: Mapping[str, Any], **kwargs: Any):
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, **template_kwargs, **kwargs)
-    return text, list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -149,7 +145,7 @@ def encode_write_history(
         encoded = encode_conversation(tokenizer, messages, chat_template_kwargs=options.chat_template_kwargs)
         ids, segments = encoded.input_ids, encoded.segment_ids(options.write_granularity)
     else:
-        _, ids = _render_ids(tokenizer, messages, options.chat_template_kwargs)
+        _, ids = render_ids(tokenizer, messages, options.chat_template_kwargs)
         segments = None
     # Left truncation keeps the most recent history, which is what the read context follows on from.
     keep = slice(max(len(ids) - options.max_write_length, 0), None)
@@ -161,9 +157,9 @@ def encode_read_context(
 ) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` of a read context: labels on the answer tokens only, then truncated to ``max_length``."""
     kwargs = options.chat_template_kwargs
-    full_text, full = _render_ids(tokenizer, [*prompt, answer], kwargs)
+    full_text, full = render_ids(tokenizer, [*prompt, answer], kwargs)
     if prompt:
-        _, prompt_ids = _render_ids(tokenizer, prompt, kwargs, add_generation_prompt=True)
+        _, prompt_ids = render_ids(tokenizer, prompt, kwargs, add_generation_prompt=True)
         start = _common_prefix(prompt_ids, full)
     else:
         # Templates refuse an empty conversation, so there is no prompt rendering to compare with: the answer starts

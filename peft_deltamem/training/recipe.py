@@ -15,8 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+from accelerate import PartialState
+from transformers import AutoTokenizer
+from trl import ModelConfig, ScriptArguments, TrlParser
 
 from ..config import DeltaMemConfig
+from ..interop.base_models import resolve_base_model
+from .data import load_conversations
+from .trainer import DeltaMemSFTConfig, DeltaMemSFTTrainer
 
 # PEFT bookkeeping fields that a recipe does not set.
 _ADAPTER_FIELDS = frozenset(f.name for f in dataclasses.fields(DeltaMemConfig) if f.init) - {"peft_type"}
@@ -87,10 +93,6 @@ def _split_adapter_args(args: list[str], flat: set[str]) -> tuple[list[str], dic
 
 
 def _parser():
-    from trl import ModelConfig, ScriptArguments, TrlParser
-
-    from .trainer import DeltaMemSFTConfig
-
     class _Parser(TrlParser):
         def error(self, message: str):  # argparse prints the usage and exits; one line is clearer
             raise RecipeError(message)
@@ -177,8 +179,6 @@ def parse_recipe(argv: Sequence[str]) -> Recipe:
 
 
 def _load_data(recipe: Recipe, split: str):
-    from .data import load_conversations
-
     name = recipe.script.dataset_name
     if not name:
         raise RecipeError(
@@ -192,12 +192,6 @@ def _load_data(recipe: Recipe, split: str):
 
 def run(recipe: Recipe):
     """Train as the recipe says and save the adapter to ``output_dir``; returns the trainer."""
-    from accelerate import PartialState
-    from transformers import AutoTokenizer
-
-    from ..interop.base_models import resolve_base_model
-    from .trainer import DeltaMemSFTTrainer
-
     args, model_args = recipe.training, recipe.model
     if not model_args.model_name_or_path:
         raise RecipeError(f"{recipe.source}: model_name_or_path is required")

@@ -10,15 +10,21 @@ The training half of ``deltamem demo`` (:mod:`peft_deltamem.cli.demo`), usable o
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from datasets import Dataset
+from peft import PeftModel
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..evaluation.pipeline import EvalSettings, evaluate_task, recall_task
+from ..evaluation import EvalSettings, evaluate_task, recall_task
+from ..evaluation.ladder import make_ladder
+from .recipe import parse_recipe
+from .trainer import DeltaMemSFTTrainer
 
 # ------------------------------------------------------------------------------------------------------- callbacks
 
@@ -155,11 +161,6 @@ def level_fact_types(level: int, fact_types: Sequence[str] | None) -> Sequence[s
 
 def ladder_dataset(levels: Sequence[int], n: int, *, seed: int = 0, fact_types: Sequence[str] | None = None) -> Any:
     """``n`` training conversations (``messages`` only) spread evenly over ``levels``, shuffled; a ``datasets.Dataset``."""
-    import random
-
-    from datasets import Dataset
-
-    from ..evaluation.ladder import make_ladder
 
     rows = []
     for i, level in enumerate(levels):
@@ -172,8 +173,6 @@ def ladder_dataset(levels: Sequence[int], n: int, *, seed: int = 0, fact_types: 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Any:
     """Parse a training recipe (``deltamem train`` format) with ``--key value`` overrides; a :class:`~peft_deltamem.training.recipe.Recipe`."""
-    from .recipe import parse_recipe
-
     if not Path(path).is_file():
         raise FileNotFoundError(
             f"training recipe {path} not found; the demo uses recipes/smollm2-135m/tsw-cpu.yaml from a checkout of "
@@ -202,10 +201,6 @@ def train_adapter(
     ``PeftModel`` (eval mode) and a :class:`TrainResult`. A ``model`` that already is a δ-mem ``PeftModel`` (an earlier
     curriculum stage) trains on; its adapter config is kept and the recipe's is ignored.
     """
-    from peft import PeftModel
-
-    from .trainer import DeltaMemSFTTrainer
-
     budget = TimeBudgetCallback(minutes, clock=clock)
     trainer = DeltaMemSFTTrainer(
         model=model,

@@ -28,6 +28,8 @@ from trl.trainer.utils import global_then_local_main_first
 
 from ..config import DeltaMemConfig
 from ..memory.state import MemoryState
+from ..memory.write_pass import write_pass
+from ..model import active_deltamem_adapter
 from .collator import DeltaMemEpisodeCollator
 from .data import INVALID_ROWS, DataError, check_conversation, report_invalid, validate_dataset
 from .episodes import EPISODE_TURNS, EpisodeOptions, build_episodes
@@ -124,10 +126,9 @@ def _deltamem_config(model: Any, peft_config: Any) -> DeltaMemConfig:
                 f"got {type(peft_config).__name__}"
             )
         return peft_config
-    if isinstance(model, PeftModel):
-        config = model.peft_config.get(model.active_adapter)
-        if isinstance(config, DeltaMemConfig):
-            return config
+    found = active_deltamem_adapter(model) if isinstance(model, PeftModel) else None
+    if found is not None:
+        return found[1]
     raise ValueError(
         "DeltaMemSFTTrainer needs a δ-mem adapter: pass peft_config=DeltaMemConfig(...) or a PeftModel whose active "
         "adapter is a δ-mem adapter."
@@ -269,22 +270,15 @@ class DeltaMemSFTTrainer(SFTTrainer):
     # ----- loss ----------------------------------------------------------------------------------------------------
     def _write_pass(self, model: Any, inputs: dict[str, torch.Tensor], memory: MemoryState) -> None:
         """Run the write histories into ``memory`` (gradients kept), recording the write gates."""
-        ids = inputs["write_input_ids"]
-        kwargs: dict[str, Any] = {
-            "input_ids": ids,
-            "attention_mask": inputs["write_attention_mask"],
-            "memory": memory,
-            "memory_write": True,
-            "memory_record_write_gates": True,
-            "use_cache": False,
-            # An empty index tensor selects no position: the write pass never projects onto the vocabulary.
-            "logits_to_keep": torch.zeros(0, dtype=torch.long, device=ids.device),
-        }
-        if "write_segment_ids" in inputs:
-            kwargs["memory_segment_ids"] = inputs["write_segment_ids"]
-        if not self.args.write_pass_reads:
-            kwargs["memory_read"] = False
-        model(**kwargs)
+        write_pass(
+            model,
+            inputs["write_input_ids"],
+            inputs["write_attention_mask"],
+            memory,
+            segment_ids=inputs.get("write_segment_ids"),
+            reads=self.args.write_pass_reads,
+            record_write_gates=True,
+        )
 
     def compute_loss(
         self,

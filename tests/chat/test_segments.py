@@ -1,4 +1,4 @@
-"""Message / sentence ids from chat templates (peft_deltamem.segments) and the offline tokenizer fixtures."""
+"""Message / sentence ids from chat templates (peft_deltamem.chat.segments) and the offline tokenizer fixtures."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peft_deltamem.segments import (
+from peft_deltamem.chat.segments import (
     NOT_WRITTEN,
     SegmentedConversation,
     encode_conversation,

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from peft import get_peft_model
 
-import peft_deltamem.session as session_module
+import peft_deltamem.chat.session as session_module
 from peft_deltamem import DeltaMemConfig, MemoryState
-from peft_deltamem.segments import encode_conversation
-from peft_deltamem.session import AdapterMismatchError, MemorySession
+from peft_deltamem.chat.segments import encode_conversation
+from peft_deltamem.chat.session import AdapterMismatchError, MemorySession
 from tests.helpers.chat_fixtures import llama3_tokenizer, qwen3_tokenizer, sample_conversation
 from tests.helpers.tiny_models import randomize_adapter, tiny_model
 

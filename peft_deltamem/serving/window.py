@@ -30,6 +30,9 @@ from typing import Any
 
 import torch
 
+from ..chat.segments import NOT_WRITTEN, encode_conversation
+from ..model import active_deltamem_adapter
+
 __all__ = [
     "SYSTEM_ROLES",
     "WindowPlan",
@@ -175,23 +178,23 @@ def write_messages(
     written ones (exact, by the continuity of token writes); ``message`` / ``sentence`` adapters get
     ``memory_segment_ids``. Returns the write-gate statistics (:func:`gate_stats`) and the number of tokens written.
     """
-    try:
-        from ..chat.segments import NOT_WRITTEN, encode_conversation
-    except ImportError:  # before the chat package (issue 13)
-        from ..segments import NOT_WRITTEN, encode_conversation
-
     seg = encode_conversation(tokenizer, list(messages), chat_template_kwargs=dict(chat_template_kwargs or {}))
     written_tokens = sum(m != NOT_WRITTEN for m in seg.message_ids)
     if written_tokens == 0:
         return {}, 0
     device = next(model.parameters()).device
     ids = torch.tensor([seg.input_ids], device=device)
-    config = model.peft_config[model.active_adapter]
+    active = active_deltamem_adapter(model)
+    if active is None:
+        raise TypeError(
+            f"write_messages needs a PeftModel whose active adapter is a δ-mem adapter, got {type(model).__name__}"
+        )
+    config = active[1]
     heads = config.num_state_heads
     stats: dict[str, dict] = {}
     with torch.no_grad():
         if config.write_granularity == "token":
-            _write_token_runs(model, memory, ids, seg.message_ids, stats, heads, NOT_WRITTEN)
+            _write_token_runs(model, memory, ids, seg.message_ids, stats, heads)
         else:
             segment_ids = torch.tensor([seg.segment_ids(config.write_granularity)], device=device)
             model(
@@ -208,7 +211,7 @@ def write_messages(
 
 
 def _write_token_runs(
-    model: Any, memory: Any, ids: torch.Tensor, message_ids: list[int], stats: dict, heads: int, not_written: int
+    model: Any, memory: Any, ids: torch.Tensor, message_ids: list[int], stats: dict, heads: int
 ) -> None:
     """Token writes of the tokens that belong to a message; the others are read-only context.
 
@@ -219,7 +222,7 @@ def _write_token_runs(
 
     from .._compat import cache_kwargs
 
-    runs = [(flag, len(list(group))) for flag, group in itertools.groupby(m != not_written for m in message_ids)]
+    runs = [(flag, len(list(group))) for flag, group in itertools.groupby(m != NOT_WRITTEN for m in message_ids)]
     while runs and not runs[-1][0]:
         runs.pop()  # trailing context influences nothing that is written
     cache = DynamicCache(config=model.config) if len(runs) > 1 else None

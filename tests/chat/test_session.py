@@ -13,6 +13,7 @@ import peft_deltamem.chat.session as session_module
 from peft_deltamem import DeltaMemConfig, MemoryState
 from peft_deltamem.chat.segments import encode_conversation
 from peft_deltamem.chat.session import AdapterMismatchError, MemorySession
+from peft_deltamem.serving.window import plan_window
 from tests.helpers.chat_fixtures import llama3_tokenizer, qwen3_tokenizer, sample_conversation
 from tests.helpers.tiny_models import randomize_adapter, tiny_model
 
@@ -105,15 +106,31 @@ def test_reply_reads_while_generating_then_writes_the_new_turn(model) -> None:
     assert same_memory(session.memory, reference.memory)
 
 
-def test_keep_last_one_keeps_exactly_the_previous_turn(model, monkeypatch) -> None:
+def test_keep_last_keeps_that_many_messages_and_writes_each_message_once_when_it_leaves_the_window(
+    model, monkeypatch
+) -> None:
+    """DESIGN.md §8: prompt = system + the last keep_last non-system messages + the new turn; every older message is
+    in the memory, written once, in order (never in the prompt and the memory together)."""
     tok = qwen3_tokenizer()
     spy = GenerateSpy(model, monkeypatch)
     system = {"role": "system", "content": "Be brief."}
-    for keep_last, kept in [(1, FACTS[2:]), (2, FACTS), (5, FACTS)]:
+    questions = ["Hello! How are you today?", "Where do you live?", QUESTION]
+    for keep_last in (1, 2, 3, 5):
         session = MemorySession(model, tok, keep_last=keep_last, system=system["content"])
-        session.write(FACTS)
-        session.reply(QUESTION, **GREEDY)
-        assert spy.prompt() == prompt_ids(tok, [system, *kept, {"role": "user", "content": QUESTION}])
+        session.write(FACTS)  # an explicit write goes into the memory at once
+        assert session.prompt_messages(QUESTION) == [system, {"role": "user", "content": QUESTION}]
+        turns: list[dict] = []
+        for question in questions:
+            session.reply(question, **GREEDY)
+            kept = turns[max(0, len(turns) - keep_last) :] if keep_last else []
+            assert spy.prompt() == prompt_ids(tok, [system, *kept, {"role": "user", "content": question}])
+            turns = session.history[len(FACTS) :]
+            assert session.written == len(session.history) - min(keep_last, len(turns))
+        reference = MemorySession(model, tok)
+        reference.write(FACTS)
+        for group in plan_window([*turns, {"role": "user", "content": ""}], keep_last).groups:
+            reference.write(group)
+        assert same_memory(session.memory, reference.memory)
 
 
 def test_stream_reply_streams_the_answer_and_writes_like_reply(model) -> None:

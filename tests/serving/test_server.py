@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from peft_deltamem import MemoryState
+from peft_deltamem.chat.session import MemorySession
 from peft_deltamem.serving.app import ServerConfig, create_app
 from peft_deltamem.serving.engine import TransformersEngine
 from peft_deltamem.serving.store import SessionStore, memory_from_bytes
@@ -79,16 +80,7 @@ def prompt_tokens(messages) -> int:
 
 @pytest.mark.parametrize("keep_last", [0, 3])
 def test_full_conversations_give_the_answers_and_memory_of_a_memory_session(model, tmp_path, keep_last) -> None:
-    from peft_deltamem.serving.window import plan_window
-
-    try:
-        from peft_deltamem.chat.session import MemorySession
-    except ImportError:
-        from peft_deltamem.session import MemorySession
-
     session = MemorySession(model, qwen3_tokenizer(), keep_last=keep_last, system=SYSTEM["content"])
-    if keep_last and not getattr(session, "follows_design_window", False):
-        pytest.skip("MemorySession does not share the window rule yet")
     conversation = [SYSTEM]
     with serve(model, tmp_path, keep_last=keep_last) as server:
         client = server.client()

@@ -1,7 +1,7 @@
 """``deltamem demo``: train a δ-mem adapter on SmolLM2-135M-Instruct on a CPU in minutes and show it recall.
 
 Steps: provision the base model (offline route, :mod:`peft_deltamem.interop.base_models`); generate the recall ladder's training
-split; train a TSW adapter with the CPU recipe (``recipes/smollm2-135m/tsw-cpu.yaml``) for at most
+split; train a TSW adapter with the CPU recipe (``recipes/smollm2-135m/tsw-cpu.yaml``, bundled with the package) for at most
 ``--train-minutes`` of wall-clock time, level by level (a curriculum), probing own- vs other-memory accuracy on a few
 held-out conversations as it goes (the training-time curve; :mod:`peft_deltamem.training.timed`); evaluate the memory-only
 protocol (:mod:`peft_deltamem.evaluation.protocol`) on the test split of every requested level; print the table,

@@ -1,7 +1,7 @@
 """Train a δ-mem adapter from a recipe: ``deltamem train CONFIG.yaml [--key value ...]``.
 
 Also ``python -m peft_deltamem.cli.train CONFIG.yaml ...`` and, for several processes,
-``accelerate launch [--config_file recipes/accelerate/ddp.yaml] -m peft_deltamem.cli.train CONFIG.yaml ...``.
+``accelerate launch [--config_file peft_deltamem/training/recipes/accelerate/ddp.yaml] -m peft_deltamem.cli.train CONFIG.yaml ...``.
 
 The YAML file is read with TRL's argument parser, so its flat fields are those of TRL's ``ScriptArguments``
 (``dataset_name``, ``dataset_config``, ``dataset_train_split``, ``dataset_test_split``), of

@@ -1,5 +1,9 @@
 """Recipes: a YAML file plus ``--key value`` overrides parsed into TRL's arguments and a :class:`DeltaMemConfig`.
 
+The published recipes ship with the package (``peft_deltamem/training/recipes/``, package data). A recipe argument
+that is not an existing file but names one of them, ``recipes/<model>/<variant>.yaml`` as the docs write it, is that
+bundled recipe (:func:`recipe_file`), so the documented commands work from a checkout and from an installed wheel.
+
 ``deltamem train`` (:mod:`peft_deltamem.cli.train`) runs them; :func:`parse_recipe` and :func:`run` are the library
 side. The fields a recipe may set, and how, are described in :mod:`peft_deltamem.cli.train`.
 """
@@ -12,6 +16,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -50,6 +55,25 @@ def _one_line(error: BaseException) -> str:
 def _suggest(key: str, known: set[str]) -> str:
     close = difflib.get_close_matches(key, sorted(known), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+#: The recipes that ship with the package.
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def recipe_file(path: str | os.PathLike) -> Path:
+    """``path`` if it is a file, else the bundled recipe it names (``recipes/qwen3-8b/msw.yaml``, ``qwen3-8b/msw``).
+
+    A name that matches neither is returned unchanged (reading it then reports that the file does not exist).
+    """
+    given = Path(path)
+    if given.is_file():
+        return given
+    name = given.as_posix().removeprefix("recipes/")
+    for candidate in (RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    return given
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
@@ -141,6 +165,8 @@ def parse_recipe(argv: Sequence[str]) -> Recipe:
     elif args and not args[0].startswith("-"):
         path = args.pop(0)
     source = path or "command line"
+    if path:
+        path = str(recipe_file(path))
     values = _read_yaml(path) if path else {}
     env = values.pop("env", None) or {}
     if not isinstance(env, dict):

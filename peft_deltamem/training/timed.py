@@ -23,7 +23,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ..evaluation import EvalSettings, evaluate_task, recall_task
 from ..evaluation.ladder import make_ladder
-from .recipe import parse_recipe
+from .recipe import RECIPES_DIR, parse_recipe, recipe_file
 from .trainer import DeltaMemSFTTrainer
 
 # ------------------------------------------------------------------------------------------------------- callbacks
@@ -150,8 +150,8 @@ class TrainResult:
 
 # --------------------------------------------------------------------------------------------------------- training
 
-#: The CPU recipe the demo trains with (a checkout's ``recipes/`` directory; ``--recipe`` points elsewhere).
-DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "smollm2-135m" / "tsw-cpu.yaml"
+#: The CPU recipe the demo trains with (package data, so an installed wheel has it; ``--recipe`` points elsewhere).
+DEFAULT_RECIPE = RECIPES_DIR / "smollm2-135m" / "tsw-cpu.yaml"
 
 
 def level_fact_types(level: int, fact_types: Sequence[str] | None) -> Sequence[str] | None:
@@ -173,10 +173,10 @@ def ladder_dataset(levels: Sequence[int], n: int, *, seed: int = 0, fact_types: 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Any:
     """Parse a training recipe (``deltamem train`` format) with ``--key value`` overrides; a :class:`~peft_deltamem.training.recipe.Recipe`."""
-    if not Path(path).is_file():
+    if not recipe_file(path).is_file():
         raise FileNotFoundError(
-            f"training recipe {path} not found; the demo uses recipes/smollm2-135m/tsw-cpu.yaml from a checkout of "
-            "peft-deltamem (pass --recipe PATH)"
+            f"training recipe {path} not found: pass --recipe with a recipe file or a bundled recipe's name "
+            "(recipes/smollm2-135m/tsw-cpu.yaml is the demo's)"
         )
     return parse_recipe([str(path), *overrides])
 

@@ -12,11 +12,11 @@ from peft import get_peft_model
 from peft_deltamem import DeltaMemConfig
 from peft_deltamem.cli import main as cli_main
 from peft_deltamem.cli.train import main
-from peft_deltamem.training.recipe import RecipeError, parse_recipe
-from tests.helpers import ROOT
+from peft_deltamem.training.recipe import RECIPES_DIR, RecipeError, parse_recipe
 from tests.helpers.tiny_models import qwen3_4b_on_meta
 
-RECIPES = ROOT / "recipes"
+RECIPES = RECIPES_DIR
+CPU_RECIPE = RECIPES / "smollm2-135m" / "tsw-cpu.yaml"
 PUBLISHED = sorted(p for p in RECIPES.glob("*/*.yaml") if p.parent.name not in ("accelerate", "smollm2-135m"))
 VARIANTS = {"tsw": ("token", 1), "ssw": ("message", 1), "msw": ("token", 4)}
 CPU = ["--use_cpu", "true"]  # bf16 recipes only validate on a CPU-only machine with use_cpu
@@ -166,3 +166,17 @@ def test_bad_data_gives_one_line_naming_the_file_and_row(tmp_path, capsys) -> No
         f"deltamem train: error: {data}: line 2 (row 1): message 1 (assistant) has empty content; fix the data or "
         "set invalid_rows='skip' to skip such rows"
     ]
+
+
+def test_a_bundled_recipe_is_found_by_its_documented_name_from_anywhere(tmp_path, monkeypatch) -> None:
+    from peft_deltamem.training.recipe import recipe_file
+
+    monkeypatch.chdir(tmp_path)  # no recipes/ directory here: the name resolves to the package's copy
+    for name in ("recipes/smollm2-135m/tsw-cpu.yaml", "smollm2-135m/tsw-cpu"):
+        assert recipe_file(name) == RECIPES / "smollm2-135m" / "tsw-cpu.yaml"
+    assert parse_recipe(["recipes/smollm2-135m/tsw-cpu.yaml"]).adapter.r == parse_recipe([str(CPU_RECIPE)]).adapter.r
+    local = tmp_path / "recipes" / "smollm2-135m" / "tsw-cpu.yaml"  # an existing file wins over the bundled name
+    local.parent.mkdir(parents=True)
+    local.write_text("deltamem: {r: 4}\n")
+    assert recipe_file("recipes/smollm2-135m/tsw-cpu.yaml") == Path("recipes/smollm2-135m/tsw-cpu.yaml")
+    assert str(recipe_file("recipes/nope.yaml")) == "recipes/nope.yaml"

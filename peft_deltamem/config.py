@@ -1,4 +1,4 @@
-"""`DeltaMemConfig`: the adapter configuration (DESIGN.md §1, §4)."""
+"""`DeltaMemConfig`: the adapter configuration (docs/design.md §1, §4)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ class DeltaMemConfig(PeftConfig):
     rankwise_gates: bool = field(default=True, metadata={"help": "One write/keep gate per state row (else one)."})
     couple_lambda: bool = field(default=True, metadata={"help": "Keep gate λ = 1 − β instead of its own projection."})
     state_update_mode: Literal["standard", "lambda_outside", "no_lambda"] = field(
-        default="standard", metadata={"help": "How keep/erase/write derive from β and λ (DESIGN.md §1)."}
+        default="standard", metadata={"help": "How keep/erase/write derive from β and λ (docs/design.md §1)."}
     )
     beta_bias_init: float = field(default=-1.5, metadata={"help": "Initial bias of the write gate β."})
     lambda_bias_init: float = field(default=1.5, metadata={"help": "Initial bias of the keep gate λ (uncoupled)."})

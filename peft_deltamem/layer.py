@@ -1,4 +1,4 @@
-"""The δ-mem layer: wraps one attention module and corrects its q/k/v/o projections from an r×r memory (DESIGN.md §1).
+"""The δ-mem layer: wraps one attention module and corrects its q/k/v/o projections from an r×r memory (docs/design.md §1).
 
 The base attention (masking, RoPE, KV cache, sdpa/eager/flash) runs unchanged: forward hooks on the four projections
 add the corrections, so any decoder whose attention has ``q_proj/k_proj/v_proj/o_proj`` works.
@@ -32,7 +32,7 @@ def find_projections(attention: nn.Module) -> dict[str, nn.Module] | None:
 def state_update_gates(
     mode: str, write_gate: torch.Tensor, keep_gate: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(keep, erase, write) coefficients of the update from β (write gate) and λ (keep gate), DESIGN.md §1."""
+    """(keep, erase, write) coefficients of the update from β (write gate) and λ (keep gate), docs/design.md §1."""
     if mode == "standard":
         return keep_gate, write_gate, write_gate
     if mode == "lambda_outside":

@@ -1,4 +1,4 @@
-"""`DeltaMemModel`: the PEFT tuner that wraps attention modules with `DeltaMemAttention` (DESIGN.md §4)."""
+"""`DeltaMemModel`: the PEFT tuner that wraps attention modules with `DeltaMemAttention` (docs/design.md §4)."""
 
 from __future__ import annotations
 

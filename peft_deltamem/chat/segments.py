@@ -1,4 +1,4 @@
-"""Per-token message ids and sentence ids from a tokenizer's chat template (DESIGN.md §1 "Write granularity", §5).
+"""Per-token message ids and sentence ids from a tokenizer's chat template (docs/design.md §1 "Write granularity", §5).
 
 The ``message`` and ``sentence`` write granularities write one memory update per segment (the mean of the hidden
 states of its tokens), so every token of a tokenised conversation needs the id of the segment it belongs to, with

@@ -244,7 +244,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     }
     write_json(training_info, output / "adapter" / TRAINING_INFO_FILE)
 
-    _print("== 3/5 evaluation: memory-only protocol (DESIGN.md §7) ==")
+    _print("== 3/5 evaluation: memory-only protocol (docs/design.md §7) ==")
     settings = EvalSettings(
         write_pass_reads=recipe.training.write_pass_reads,
         chat_template_kwargs=dict(recipe.training.chat_template_kwargs or {}),

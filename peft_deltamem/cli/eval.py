@@ -1,4 +1,4 @@
-"""``deltamem eval``: the memory-only protocol (DESIGN.md §7) on the recall ladder or on LoCoMo.
+"""``deltamem eval``: the memory-only protocol (docs/design.md §7) on the recall ladder or on LoCoMo.
 
     deltamem eval recall --level 1 --adapter outputs/adapter [--n 200] [--output results/]
     deltamem eval recall --levels 1,2,3 --adapter outputs/adapter --fact-types colour

@@ -1,4 +1,4 @@
-"""The memory-only evaluation protocol (DESIGN.md §7): one task, six systems side by side.
+"""The memory-only evaluation protocol (docs/design.md §7): one task, six systems side by side.
 
 A *task* is a list of conversations (each a list of sessions, each a list of chat messages) and a list of questions
 about them. Every question is answered by six systems:
@@ -17,7 +17,7 @@ system                      what the model sees
                             the answers). Control: a gain that this also shows is not memory.
 ==========================  ====================================================================================
 
-The write pass is the training write pass (DESIGN.md §5, :func:`~peft_deltamem.memory.write_pass.write_pass` on
+The write pass is the training write pass (docs/design.md §5, :func:`~peft_deltamem.memory.write_pass.write_pass` on
 :func:`~peft_deltamem.training.episodes.encode_write_history`):
 system + session rendered with the chat template, token (or message/sentence) writes, reading the memory while
 writing unless the adapter was trained with a write-only write pass (``EvalSettings.write_pass_reads=False``). The

@@ -1,4 +1,4 @@
-"""Import (and export) adapters in the reference implementation's format (DESIGN.md §6).
+"""Import (and export) adapters in the reference implementation's format (docs/design.md §6).
 
 The paper's released adapters are a directory with ``delta_mem_config.json`` (a dump of the upstream config dataclass)
 and ``delta_mem_adapter.pt`` (a pickled flat dict of bf16 tensors keyed ``model.layers.{i}.self_attn.{name}``).

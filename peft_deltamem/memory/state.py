@@ -1,4 +1,4 @@
-"""`MemoryState`: the online memory as an explicit object (DESIGN.md §3).
+"""`MemoryState`: the online memory as an explicit object (docs/design.md §3).
 
 The memory owns its lifecycle: it is sized by its first call (:meth:`MemoryState._bind`), advanced by a call's writes
 (:meth:`MemoryState.commit`), and its rows follow the batch (:meth:`MemoryState.select_rows_`); nothing outside

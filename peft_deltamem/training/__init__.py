@@ -1,4 +1,4 @@
-"""Training δ-mem adapters with TRL: the episode objective on ``SFTTrainer`` (DESIGN.md §5).
+"""Training δ-mem adapters with TRL: the episode objective on ``SFTTrainer`` (docs/design.md §5).
 
 Needs the ``train`` extra (``trl``, ``datasets``, ``accelerate``)::
 

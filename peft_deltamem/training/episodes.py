@@ -1,4 +1,4 @@
-"""Episode construction for the δ-mem objective (DESIGN.md §5).
+"""Episode construction for the δ-mem objective (docs/design.md §5).
 
 A conversation becomes one episode per supervised assistant turn (the final one by default, or every one). For the
 assistant message at index ``a``, with ``P`` the non-system messages before it:
@@ -114,7 +114,7 @@ def answer_indices(messages: Sequence[Message], episode_turns: str = "final") ->
 def split_episode(
     messages: Sequence[Message], answer_index: int, recent_messages: int
 ) -> tuple[list[Message], list[Message]]:
-    """``(write messages, read prompt messages)`` for the answer at ``answer_index`` (DESIGN.md §5).
+    """``(write messages, read prompt messages)`` for the answer at ``answer_index`` (docs/design.md §5).
 
     The write messages are empty when nothing precedes the recent messages, so such an episode reads an empty memory.
     """

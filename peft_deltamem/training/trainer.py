@@ -1,4 +1,4 @@
-"""TRL's ``SFTTrainer`` with the δ-mem episode objective (DESIGN.md §5).
+"""TRL's ``SFTTrainer`` with the δ-mem episode objective (docs/design.md §5).
 
 Each step, for a batch of episodes (see :mod:`peft_deltamem.training.episodes`):
 
@@ -45,7 +45,7 @@ class DeltaMemSFTConfig(SFTConfig):
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["chat_template_kwargs"]
 
-    # The published δ-mem learning rate (DESIGN.md §5) instead of SFTConfig's full fine-tuning default.
+    # The published δ-mem learning rate (docs/design.md §5) instead of SFTConfig's full fine-tuning default.
     learning_rate: float = field(default=2e-4, metadata={"help": "The initial learning rate for AdamW."})
     max_write_length: int = field(
         default=8192, metadata={"help": "Write histories longer than this many tokens keep their last tokens."}

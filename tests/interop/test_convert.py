@@ -1,4 +1,4 @@
-"""Importing reference-format adapters (DESIGN.md §6): outputs match an independent evaluation of DESIGN.md §1.
+"""Importing reference-format adapters (docs/design.md §6): outputs match an independent evaluation of docs/design.md §1.
 
 The reference directories are written here with random bf16 tensors under the documented names and shapes. The
 expected logits come from ``reference_logits`` below: a plain per-token loop over the tiny base model written from the
@@ -115,7 +115,7 @@ def write_reference(directory: Path, config: dict, tensors: dict) -> Path:
 
 # ------------------------------------------------------------------------------ the independent §1 evaluation
 def memory_reads(h: torch.Tensor, w: dict, config: dict) -> torch.Tensor:
-    """o_t for every token of one sequence h [T, H], token by token from S_0 = 0 (DESIGN.md §1, token writes)."""
+    """o_t for every token of one sequence h [T, H], token by token from S_0 = 0 (docs/design.md §1, token writes)."""
     r, n = config["rank"], config["num_state_heads"]
     g = r if config["rankwise_gates"] else 1
     states = [torch.zeros(r, r) for _ in range(n)]

@@ -36,7 +36,7 @@ def ssw_model(init: str = "base_slice_fixed", **config):
 
 
 def reference_memory(model, ids, segments, mask) -> dict[str, torch.Tensor]:
-    """DESIGN.md §1 by hand: the reads of an empty memory are 0, so the attention inputs are the base model's; per
+    """docs/design.md §1 by hand: the reads of an empty memory are 0, so the attention inputs are the base model's; per
     message (ids in order) take the mean input over its valid tokens and apply the gated delta rule once."""
     inputs = {}
     handles = [

@@ -134,7 +134,8 @@ class _Server:
     def params(self, req: ChatCompletionRequest) -> SamplingParams:
         if req.n not in (None, 1):
             raise APIError(400, "Only n=1 is supported.", param="n")
-        max_tokens = req.max_completion_tokens or req.max_tokens or self.config.default_max_tokens
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        max_tokens = max_tokens or min(self.config.default_max_tokens, self.config.max_tokens_limit)
         if max_tokens > self.config.max_tokens_limit:
             raise APIError(
                 400, f"max_tokens {max_tokens} is over the limit of {self.config.max_tokens_limit}.", param="max_tokens"
@@ -413,7 +414,7 @@ def create_app(engine: Engine, store: SessionStore, config: ServerConfig | None 
         lock = server.locks.setdefault(session_id, asyncio.Lock())
         async with lock:
             try:
-                store.import_memory(session_id, owner, memory_to_bytes(memory))
+                store.import_memory(session_id, owner, data)  # the file as sent (checked above)
             except PermissionError as err:
                 raise APIError(404, f"No session {session_id!r}.", code="session_not_found") from err
         return server.session_info(session_id, owner)

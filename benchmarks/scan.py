@@ -42,7 +42,7 @@ for _path in (_HERE, _HERE.parent):  # run from a checkout without installing: `
 
 import _timing  # noqa: E402
 
-from peft_deltamem.ops import delta_rule_scan  # noqa: E402
+from peft_deltamem.ops import auto_impl, delta_rule_scan  # noqa: E402
 from peft_deltamem.ops.chunked import default_chunk_size  # noqa: E402
 
 FULL = {
@@ -53,6 +53,8 @@ FULL = {
     "chunk_sweep_T": 2048,
     "chunk_sweep_shapes": ((8, 1), (16, 4), (32, 16)),
     "chunk_sweep": (16, 32, 64),
+    "crossover_T": (4, 8, 16, 32, 64),
+    "crossover_shapes": ((8, 1), (32, 16)),
 }
 SMOKE = {
     "T": (40, 130),
@@ -62,6 +64,8 @@ SMOKE = {
     "chunk_sweep_T": 130,
     "chunk_sweep_shapes": ((4, 2),),
     "chunk_sweep": (8, 64),
+    "crossover_T": (4, 16),
+    "crossover_shapes": ((4, 1),),
 }
 IMPLS = ("recurrent", "chunked")
 GRAD_NAMES = ("q", "k", "v", "keep", "erase", "write", "state")
@@ -81,6 +85,15 @@ COLUMNS = {
     "fwdbwd_recurrent_limit_pct": "fwd+bwd recurrent % of limit",
     "chunked_fwdbwd_peak_mb": "chunked fwd+bwd peak MB",
     "max_diff": "max abs diff",
+}
+CROSSOVER_COLUMNS = {
+    "T": "T",
+    "r": "r",
+    "N": "N",
+    "fwd_speedup": "fwd ×",
+    "auto_fwd": "auto (fwd)",
+    "fwdbwd_speedup": "fwd+bwd ×",
+    "auto_fwdbwd": "auto (fwd+bwd)",
 }
 SWEEP_COLUMNS = {
     "T": "T",
@@ -257,6 +270,26 @@ def chunk_sweep(
     return rows
 
 
+def crossover(
+    ts: Sequence[int], shapes: Sequence[tuple[int, int]], *, device: torch.device, rounds: int
+) -> list[dict[str, Any]]:
+    """Short sequences: recurrent / chunked time (interleaved) and what ``impl="auto"`` picks, with and without a
+    backward, to check the auto rule against the crossover."""
+    rows = []
+    for r, n in shapes:
+        for t in ts:
+            leaves = make_inputs(n, t, r, device)
+            calls = _shape_calls(leaves, None, *_weights(n, t, r, device), {})
+            timings = _timing.interleaved(calls, rounds=rounds, warmup=2)
+            row: dict[str, Any] = {"T": t, "r": r, "N": n}
+            for mode in ("fwd", "fwdbwd"):
+                medians = {impl: timings[f"{mode}_{impl}"]["median_s"] for impl in IMPLS}
+                row[f"{mode}_speedup"] = medians["recurrent"] / medians["chunked"]
+                row[f"auto_{mode}"] = auto_impl(n, t, r, grad=mode == "fwdbwd")
+            rows.append(row)
+    return rows
+
+
 def _probe(spec: str, device: torch.device) -> None:
     """Subprocess side of the memory probe: peak memory of one chunked forward+backward ``T,r,N[,masked]``."""
     t, r, n, masked = (*map(int, spec.split(",")), 0)[:4]
@@ -393,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     sweep = chunk_sweep(
         grid["chunk_sweep_T"], grid["chunk_sweep_shapes"], grid["chunk_sweep"], device=device, rounds=min(rounds, 3)
     )
+    cross = crossover(grid["crossover_T"], grid["crossover_shapes"], device=device, rounds=max(rounds, 5) * 2)
     gflops_end = matmul_gflops(device)
     gflops = max(gflops_start, gflops_end)
     for row in (*rows, masked):  # the limit: the best throughput measured in the run
@@ -419,7 +453,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     sweep_table = _timing.markdown_table(sweep, SWEEP_COLUMNS)
     bar_lines = _bar_lines(bars)
     sweep_title = f"Chunked form against the chunk size (T = {grid['chunk_sweep_T']}, median of up to 3 rounds):"
-    _timing.print_report(table_rows, COLUMNS, notes, [sweep_title, "", sweep_table, "", *bar_lines, ""])
+    cross_table = _timing.markdown_table(cross, CROSSOVER_COLUMNS)
+    cross_title = 'Short sequences: recurrent / chunked and what `impl="auto"` runs:'
+    extra = [sweep_title, "", sweep_table, "", cross_title, "", cross_table, "", *bar_lines, ""]
+    _timing.print_report(table_rows, COLUMNS, notes, extra)
     result = {
         "benchmark": "scan",
         "smoke": args.smoke,
@@ -437,6 +474,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "masked": masked,
         "chunk_sweep": sweep,
+        "crossover": cross,
     }
     if args.docs:
         docs_text = "\n".join(
@@ -450,6 +488,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 sweep_title,
                 "",
                 sweep_table,
+                "",
+                cross_title,
+                "",
+                cross_table,
             ]
         )
         update_docs(args.docs, docs_text)

@@ -323,7 +323,7 @@ def test_chunked_keep_exactly_zero() -> None:
 def segment_kinds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record which form the chunked scan takes for each segment it runs forward: "factored" or "plain"."""
     kinds: list[str] = []
-    factored, plain = chunked_mod._factored_forward, chunked_mod._scan_segment
+    factored, plain = chunked_mod._factored_forward, chunked_mod._plain_segment
 
     def spy_factored(*args, **kwargs):
         kinds.append("factored")
@@ -336,7 +336,7 @@ def segment_kinds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return plain(*args, **kwargs)
 
     monkeypatch.setattr(chunked_mod, "_factored_forward", spy_factored)
-    monkeypatch.setattr(chunked_mod, "_scan_segment", spy_plain)
+    monkeypatch.setattr(chunked_mod, "_plain_segment", spy_plain)
     return kinds
 
 
@@ -364,9 +364,9 @@ def test_chunked_mixed_segments(segment_kinds: list[str]) -> None:
     leaves, mask = make_inputs(case)
     with torch.no_grad():
         leaves[3][:, 40:44] = 0.0  # keep exactly 0 on a few tokens of the second segment (32 tokens each)
-    # Segments of 4 chunks = 32 tokens ([N, 32, max(r, C)] = 512 floats); the plain form cuts its segment into
-    # pieces of one chunk ([N, r, 8, C] = 512 floats).
-    with mock.patch.object(chunked_mod, "SEGMENT_FLOATS", 2 * 32 * 8):
+    # Forward segments of 4 chunks = 32 tokens ([N, 32, max(r, C)] = FORWARD_SEGMENTS × 128 floats); the plain form
+    # cuts its segment into pieces of one chunk (at least one), and so does the factored backward.
+    with mock.patch.object(chunked_mod, "SEGMENT_FLOATS", 2 * 32 * 8 // chunked_mod.FORWARD_SEGMENTS):
         reads, final, grads = _loss_and_grads(chunked_delta_rule_scan, leaves, mask, 0, chunk_size=8)
     assert segment_kinds == ["factored"] + ["plain"] * 4 + ["factored"]
     ref_reads, ref_final, ref_grads = _loss_and_grads(recurrent_delta_rule_scan, leaves, mask, 0)

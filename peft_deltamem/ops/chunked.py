@@ -12,23 +12,20 @@ Split the sequence into chunks of C tokens. Inside a chunk that starts from ``s_
     read_t = exp(Γ_t) (q_t·s_0) + Σ_{j<t} D_tj (q_t·k_j) u_j
     s_C    = exp(Γ_C) s_0 + Σ_j exp(Γ_C − Γ_{j+1}) u_j k_j
 
-Every ``exp(Γ_a − Γ_b)`` is the product ``Π_{b≤m<a} keep_m`` and is computed as a cumulative product (no log:
-keep = 0 is exact, gradients included).
+The sequence is processed in segments of whole chunks (a segment's intermediates take at most
+:data:`SEGMENT_FLOATS` floats each), each in one of two forms:
 
-How it is computed (per segment of whole chunks, see :func:`_scan_segment`):
+- the **factored form** (:func:`_factored_forward`, :func:`_factored_backward`), used whenever the keep gates are not
+  saturated: ``D_tj = P_t / P'_j`` with the running products of keep, so that everything except the per-row C×C
+  solve is a matmul with matrices all rows share; its backward is written out by hand;
+- the **plain form** (:func:`_plain_segment`), for segments with keeps near or at 0: the per-row decays as
+  cumulative *products* of keep (no log, no division: keep = 0 is exact, gradients included), differentiated by
+  autograd.
 
-1. For all chunks of the segment at once: the decays, the Gram matrices ``K Kᵀ`` and ``Q Kᵀ`` (shared by all rows)
-   and the per-row system matrices ``L = diag(erase)(D ⊙ K Kᵀ)`` (one per row with rank-wise gates, one for all
-   rows when keep and erase are [N, T, 1]).
-2. Chunk by chunk (the only sequential part), from the carried state: the right-hand side ``write ⊙ v − erase ⊙
-   exp(Γ) ⊙ (K s_0ᵀ)`` for all rows with one matmul, ``u`` by one batched unit-triangular solve (one right-hand
-   side per row; with shared gates one solve whose r right-hand sides are the rows), and the next state with one
-   more matmul.
-3. For all chunks at once again: the reads, from each chunk's start state and its ``u``.
-
-Memory stays linear in T with a small constant: the per-row C×C matrices exist for one segment at a time, and the
-backward (:class:`_ChunkedScan`) stores only the state at each segment boundary and recomputes a segment's
-intermediates from it, segment by segment in reverse.
+In both, the state is carried chunk by chunk (the only sequential part) and everything else is done for all chunks
+of a segment at once. The backward (:class:`_ChunkedScan`) keeps from the forward only each chunk's start state and
+u (factored) or each segment's start state (plain), and recomputes the rest segment by segment in reverse, so memory
+grows linearly in T with a small constant.
 """
 
 from __future__ import annotations
@@ -40,9 +37,11 @@ import torch
 
 __all__ = ["chunked_delta_rule_scan", "default_chunk_size", "segment_tokens"]
 
-# Floats that one segment's largest intermediate may hold (1 MB; a few dozen such tensors are alive at once during a
-# segment's backward): this bounds the memory of the forward and the backward whatever T is.
-SEGMENT_FLOATS = 2**18
+# Floats that one segment's largest intermediate may hold in the backward (256 KB; a few dozen such tensors are alive
+# at once): this bounds the memory of the backward whatever T is. The forward, with far fewer intermediates and no
+# autograd, runs segments FORWARD_SEGMENTS times as long (the factored backward splits them at chunk boundaries).
+SEGMENT_FLOATS = 2**16
+FORWARD_SEGMENTS = 4
 
 
 def default_chunk_size(n: int, t_len: int, r: int, rowwise: bool = True) -> int:
@@ -55,12 +54,12 @@ def default_chunk_size(n: int, t_len: int, r: int, rowwise: bool = True) -> int:
     return max(1, min(c, t_len))
 
 
-def segment_tokens(n: int, r: int, g: int, chunk: int, per_row: bool = False) -> int:
-    """Tokens per segment: a whole number of chunks whose largest intermediate fits :data:`SEGMENT_FLOATS`. That is
-    [N, tokens, max(r, C)] for the factored form, and [N, g, tokens, C] (the per-row decays) with ``per_row``, for
-    the plain form."""
+def segment_tokens(n: int, r: int, g: int, chunk: int, per_row: bool = False, scale: int = 1) -> int:
+    """Tokens per segment: a whole number of chunks whose largest intermediate fits ``scale`` × :data:`SEGMENT_FLOATS`.
+    That is [N, tokens, max(r, C)] for the factored form, and [N, g, tokens, C] (the per-row decays) with
+    ``per_row``, for the plain form."""
     per_chunk = n * chunk * (max(g, 1) * chunk if per_row else max(r, chunk))
-    return chunk * max(1, SEGMENT_FLOATS // per_chunk)
+    return chunk * max(1, scale * SEGMENT_FLOATS // per_chunk)
 
 
 def _segments(t_len: int, chunk: int, seg: int) -> list[tuple[int, int, int]]:
@@ -79,7 +78,7 @@ def _segments(t_len: int, chunk: int, seg: int) -> list[tuple[int, int, int]]:
     return pieces
 
 
-def _scan_segment(
+def _plain_segment(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -89,7 +88,8 @@ def _scan_segment(
     s: torch.Tensor,
     chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chunked recurrence over a segment of whole chunks (float32, plain differentiable torch ops).
+    """The plain form over a segment of whole chunks (float32, plain differentiable torch ops): per-row decays as
+    cumulative products, per-row systems solved chunk by chunk.
 
     ``q, k, v`` [N, L, r]; gates [N, L, 1 or r]; ``s`` [N, r, r]; L a multiple of ``chunk``. Returns
     ``(reads [N, L, r], state after the segment)``.
@@ -176,7 +176,7 @@ def _scan_segment(
 # divided by keep at the end), so it needs no per-row C×C product either, and stores per chunk only its start state
 # and u. Dividing by P' is exact while the products stay far from float32's underflow: a segment whose keeps are
 # all ≥ FACTORED_MIN_KEEP and whose chunk products are all ≥ FACTORED_MIN_DECAY takes this path, any other the
-# plain form above (_scan_segment, differentiated by autograd): saturated or near-zero keep gates stay exact.
+# plain form (_plain_segment, differentiated by autograd): saturated or near-zero keep gates stay exact.
 
 FACTORED_MIN_KEEP = 1e-2
 FACTORED_MIN_DECAY = 1e-20
@@ -212,31 +212,36 @@ def _uncut(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Factors(NamedTuple):
+    """What a segment's chunks need besides their inputs. Matmul operands are contiguous in the layout each product
+    reads (a batched CPU matmul of transposed views is several times slower)."""
+
     p_in: torch.Tensor  # P_t = Π_{m<t} keep_m, [N, nc, gk, C]
-    inv_p_out: torch.Tensor  # 1 / P'_j = 1 / Π_{m≤j} keep_m
+    p_out: torch.Tensor  # P'_j = Π_{m≤j} keep_m
     p_all: torch.Tensor  # P_C, [N, nc, gk, 1]
     ep: torch.Tensor  # erase ⊙ P, [N, nc, g, C]
-    tk: torch.Tensor  # T = tril₋₁(K Kᵀ), [N, nc, C, C]
-    tq: torch.Tensor  # R = tril₋₁(Q Kᵀ)
+    kt: torch.Tensor  # Kᵀ, [N, nc, r, C]
+    qt: torch.Tensor  # Qᵀ
+    kk: torch.Tensor  # K Kᵀ, [N, nc, C, C]: T = tril₋₁(K Kᵀ), Tᵀ = triu₁(K Kᵀ)
+    tk: torch.Tensor  # T
+    tq_t: torch.Tensor  # Rᵀ = triu₁(K Qᵀ), R = tril₋₁(Q Kᵀ)
 
 
 def _factors(x: _Chunked, shared: bool) -> _Factors:
     p_out = x.keep.cumprod(-1)
     p_in = torch.cat([torch.ones_like(p_out[..., :1]), p_out[..., :-1]], dim=-1)
-    inv_p_out = 1.0 / p_out
-    ep = x.erase * p_in
-    tk = (x.k @ x.k.transpose(-1, -2)).tril(-1)
-    tq = (x.q @ x.k.transpose(-1, -2)).tril(-1)
-    return _Factors(p_in, inv_p_out, p_out[..., -1:], ep, tk, tq)
+    kt, qt = x.k.transpose(-1, -2).contiguous(), x.q.transpose(-1, -2).contiguous()
+    kk = x.k @ kt
+    tq_t = (x.k @ qt).triu(1)
+    return _Factors(p_in, p_out, p_out[..., -1:], x.erase * p_in, kt, qt, kk, kk.tril(-1), tq_t)
 
 
-def _system(tk: torch.Tensor, ep: torch.Tensor, inv_p_out: torch.Tensor, shared: bool) -> torch.Tensor:
-    """One chunk's system matrix diag(erase ⊙ P) T diag(1/P') (strictly lower; the unit diagonal is implied): [N, C, C]
-    with shared gates, else one per row [N, r, C, C]. Formed chunk by chunk, while the chunk is in cache. Its
-    factors are contiguous (see _cut), so it is too: the triangular solver would otherwise copy it."""
-    if shared:
-        return (tk * inv_p_out[:, 0, None, :]).mul_(ep[:, 0, :, None])
-    return (tk.unsqueeze(1) * ep.unsqueeze(-1)).mul_(inv_p_out.unsqueeze(-2))  # ep has the full width g
+def _system(tk: torch.Tensor, ep: torch.Tensor, p_out: torch.Tensor, shared: bool) -> torch.Tensor:
+    """One chunk's system matrix for x = u / P': diag(P') + diag(erase ⊙ P) T, lower triangular: [N, C, C] with shared
+    gates, else one per row [N, r, C, C]. Formed chunk by chunk, while the chunk is in cache. Its factors are
+    contiguous (see _cut), so it is too: the triangular solver would otherwise copy it."""
+    system = tk * ep[:, 0, :, None] if shared else tk.unsqueeze(1) * ep.unsqueeze(-1)  # ep has the full width g
+    system.diagonal(dim1=-2, dim2=-1).copy_(p_out[:, 0] if shared else p_out)
+    return system
 
 
 def _factored_ok(x: _Chunked, f: _Factors) -> bool:
@@ -244,32 +249,32 @@ def _factored_ok(x: _Chunked, f: _Factors) -> bool:
 
 
 def _solve(system: torch.Tensor, rhs: torch.Tensor, shared: bool, transpose: bool = False) -> torch.Tensor:
-    """(I + L) u = rhs for every row (rhs [N, r, C]), or (I + L)ᵀ u = rhs with ``transpose``. Shared gates: one
+    """system · x = rhs for every row (rhs [N, r, C]), or systemᵀ · x = rhs with ``transpose``. Shared gates: one
     system [N, C, C] whose right-hand sides are the rows; else one system per row [N, r, C, C]."""
     a = system.transpose(-1, -2) if transpose else system
     if shared:
-        return torch.linalg.solve_triangular(a, rhs.transpose(-1, -2), upper=transpose, unitriangular=True).mT
-    return torch.linalg.solve_triangular(a, rhs.unsqueeze(-1), upper=transpose, unitriangular=True).squeeze(-1)
+        return torch.linalg.solve_triangular(a, rhs.transpose(-1, -2), upper=transpose).mT
+    return torch.linalg.solve_triangular(a, rhs.unsqueeze(-1), upper=transpose).squeeze(-1)
 
 
 def _factored_forward(
     x: _Chunked, f: _Factors, s: torch.Tensor, shared: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (reads [N, nc, r, C] rows first, final state, start state per chunk [N, nc, r, r], u [N, nc, r, C])."""
+    """Returns (reads [N, nc, r, C] rows first, final state, start state per chunk [N, nc, r, r], x = u / P' per chunk
+    [N, nc, r, C])."""
     wv = x.write * x.v
-    starts, us = [], []
-    per_chunk = (wv, f.ep, x.k, f.inv_p_out, f.p_all, f.tk)
-    for wv_c, ep_c, k_c, inv_p_out_c, p_all_c, tk_c in zip(*(t.unbind(1) for t in per_chunk), strict=True):
+    starts, xs = [], []
+    per_chunk = (wv, f.ep, x.k, f.kt, f.p_out, f.p_all, f.tk)
+    for wv_c, ep_c, k_c, kt_c, p_out_c, p_all_c, tk_c in zip(*(t.unbind(1) for t in per_chunk), strict=True):
         starts.append(s)
-        system_c = _system(tk_c, ep_c, inv_p_out_c, shared)
-        rhs = torch.addcmul(wv_c, ep_c, s @ k_c.transpose(-1, -2), value=-1.0)  # write⊙v − erase⊙P⊙(K s_0ᵀ)
-        u = _solve(system_c, rhs, shared)
-        us.append(u)
-        s = p_all_c * torch.baddbmm(s, u * inv_p_out_c, k_c)  # P_C (s_0 + Σ_j x_j k_j)
-    s_start, u_all = torch.stack(starts, dim=1), torch.stack(us, dim=1)
-    x_all = u_all * f.inv_p_out
-    reads = f.p_in * (s_start @ x.q.transpose(-1, -2) + x_all @ f.tq.transpose(-1, -2))
-    return reads, s, s_start, u_all
+        rhs = torch.addcmul(wv_c, ep_c, s @ kt_c, value=-1.0)  # write⊙v − erase⊙P⊙(K s_0ᵀ)
+        x_c = _solve(_system(tk_c, ep_c, p_out_c, shared), rhs, shared)  # x = u / P'
+        xs.append(x_c)
+        s = p_all_c * torch.baddbmm(s, x_c, k_c)  # P_C (s_0 + Σ_j x_j k_j)
+    s_start, x_all = torch.stack(starts, dim=1), torch.stack(xs, dim=1)
+    reads = x_all @ f.tq_t  # R x
+    reads += s_start @ f.qt  # Q s_0ᵀ
+    return reads.mul_(f.p_in), s, s_start, x_all
 
 
 def _rows_to(grad: torch.Tensor, width: int) -> torch.Tensor:
@@ -281,48 +286,57 @@ def _factored_backward(
     x: _Chunked,
     f: _Factors,
     s_start: torch.Tensor,
-    u_all: torch.Tensor,
+    x_all: torch.Tensor,
     d_reads: torch.Tensor,
     d_state: torch.Tensor,
     shared: bool,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Gradients of a segment (rows-first ``d_reads`` [N, nc, r, C], ``d_state`` after it) w.r.t. its chunked inputs
-    (as :class:`_Chunked`, rows first) and its start state."""
+    """Gradients of a segment (rows-first contiguous ``d_reads`` [N, nc, r, C], ``d_state`` after it) w.r.t. its
+    chunked inputs (as :class:`_Chunked`, rows first) and its start state, from what its forward kept: the start state
+    of each chunk and x = u / P'."""
     g_read = d_reads * f.p_in
-    dx_read = g_read @ f.tq  # read = P ⊙ (Q s_0ᵀ + R x): through x
+    dx_read = g_read @ f.tq_t.transpose(-1, -2).contiguous()  # read = P ⊙ (Q s_0ᵀ + R x): through x
     ds_read = g_read @ x.q  # ... through s_0
-    dws, dxs, drhss = [], [], []
+    dws, drhss = [], []
     ds = d_state
-    per_chunk = (dx_read, ds_read, x.k, f.inv_p_out, f.p_all, f.ep, f.tk)
+    per_chunk = (dx_read, ds_read, x.k, f.kt, f.p_out, f.p_all, f.ep, f.tk)
     chunks = zip(*(t.unbind(1) for t in per_chunk), strict=True)
-    for dx_read_c, ds_read_c, k_c, inv_p_out_c, p_all_c, ep_c, tk_c in reversed(list(chunks)):
-        system_c = _system(tk_c, ep_c, inv_p_out_c, shared)
+    for dx_read_c, ds_read_c, k_c, kt_c, p_out_c, p_all_c, ep_c, tk_c in reversed(list(chunks)):
         dw = p_all_c * ds  # s_C = P_C w with w = s_0 + Σ_j x_j k_j
-        dx = torch.baddbmm(dx_read_c, dw, k_c.transpose(-1, -2))
-        drhs = _solve(system_c, dx * inv_p_out_c, shared, transpose=True)
+        dx = torch.baddbmm(dx_read_c, dw, kt_c)
+        drhs = _solve(_system(tk_c, ep_c, p_out_c, shared), dx, shared, transpose=True)
         ds = torch.baddbmm(ds_read_c + dw, drhs * ep_c, k_c, alpha=-1.0)  # rhs has −erase⊙P⊙(K s_0ᵀ)
-        dws.append(dw), dxs.append(dx), drhss.append(drhs)
-    dw, dx, drhs = (torch.stack(t[::-1], dim=1) for t in (dws, dxs, drhss))
+        dws.append(dw), drhss.append(drhs)
+    dw, drhs = torch.stack(dws[::-1], dim=1), torch.stack(drhss[::-1], dim=1)
 
-    x_all = u_all * f.inv_p_out
-    k_s = s_start @ x.k.transpose(-1, -2)  # K s_0ᵀ per row, [N, nc, r, C]
-    reads_inner = s_start @ x.q.transpose(-1, -2) + x_all @ f.tq.transpose(-1, -2)
     y = drhs * f.ep
-    d_ep = -drhs * (x_all @ f.tk.transpose(-1, -2) + k_s)  # through the system's diag(erase⊙P) and the rhs
-    d_tq = (g_read.transpose(-1, -2) @ x_all).tril(-1)
-    d_tk = -(y.transpose(-1, -2) @ x_all).tril(-1)
+    # Token-major copies [N, nc, C, r] of the rows-first factors, for the products that sum over the rows.
+    x_tm, g_tm, y_tm = (t.transpose(-1, -2).contiguous() for t in (x_all, g_read, y))
+    d_tq = (g_tm @ x_all).tril_(-1)
+    d_tk = (y_tm @ x_all).tril_(-1).neg_()  # the system's diag(erase⊙P) T: −drhs xᵀ ⊙ erase⊙P
     d_tk = d_tk + d_tk.transpose(-1, -2)  # T = K Kᵀ is symmetric in K
-    dq = g_read.transpose(-1, -2) @ s_start + d_tq @ x.k
-    dk = d_tq.transpose(-1, -2) @ x.q + x_all.transpose(-1, -2) @ dw + d_tk @ x.k - y.transpose(-1, -2) @ s_start
-    # Decays, as gradients w.r.t. log keep: P_t holds keep_m for m < t, P'_j for m ≤ j, P_C all of them.
+    dq = g_tm @ s_start
+    dq += d_tq @ x.k
+    dk = (x_tm @ g_read).triu_(1) @ x.q  # d_Rᵀ Q
+    dk += x_tm @ dw
+    dk += d_tk @ x.k
+    dk -= y_tm @ s_start
+    # −(gradient w.r.t. erase ⊙ P): through the system (T x) and the rhs (K s_0ᵀ)
+    neg_d_ep = (x_all @ f.kk.triu(1)).add_(s_start @ f.kt).mul_(drhs)
+    # Decays, as gradients w.r.t. log keep: P_t holds keep_m for m < t, P'_j (the system's diagonal) for m ≤ j, P_C
+    # all of them.
     gk = x.keep.shape[2]
-    dlog_p_in = _rows_to(d_reads * f.p_in * reads_inner, gk) + _rows_to(d_ep * f.ep, gk)
-    dlog_inv_p_out = _rows_to(dx * x_all - x_all * (y @ f.tk), gk)
-    dlog_p_all = _rows_to((dw * (s_start + x_all @ x.k)).sum(-1, keepdim=True), gk)
-    after = dlog_p_in.flip(-1).cumsum(-1).flip(-1) - dlog_p_in  # Σ_{t>m}
-    from_m = dlog_inv_p_out.flip(-1).cumsum(-1).flip(-1)  # Σ_{j≥m}
-    d_keep = (after - from_m + dlog_p_all) / x.keep
-    d_erase = _rows_to(d_ep * f.p_in, x.erase.shape[2])
+    reads_inner = (x_all @ f.tq_t).add_(s_start @ f.qt)
+    dlog_p_in = _rows_to(g_read.mul_(reads_inner), gk) - _rows_to(neg_d_ep * f.ep, gk)  # g_read is used up
+    dlog_p_out = _rows_to(drhs * x_all * f.p_out, gk).neg_()
+    dlog_p_all = _rows_to((x_all @ x.k).add_(s_start).mul_(dw).sum(-1, keepdim=True), gk)  # dw ⊙ w
+    # Σ_{t>m} dlog P_t + Σ_{j≥m} dlog P'_j, as products with 0/1 triangular matrices
+    c = x.keep.shape[-1]
+    ones = torch.ones(c, c, dtype=dw.dtype, device=dw.device)
+    d_keep = dlog_p_in @ ones.tril(-1)
+    d_keep += dlog_p_out @ ones.tril()
+    d_keep.add_(dlog_p_all).div_(x.keep)
+    d_erase = _rows_to(neg_d_ep.mul_(f.p_in).neg_(), x.erase.shape[2])
     d_v = drhs * x.write
     d_write = _rows_to(drhs * x.v, x.write.shape[2])
     return [dq, dk, d_v, d_keep, d_erase, d_write], ds
@@ -346,17 +360,17 @@ def _run_segments(
 
     def run_plain(start: int, length: int, c: int, s: torch.Tensor) -> torch.Tensor:
         piece = [t[:, start : start + length] for t in inputs]
-        piece_reads, s_next = _scan_segment(*piece, s, c)
+        piece_reads, s_next = _plain_segment(*piece, s, c)
         pieces.append(("plain", start, length, c, s) if save else ("plain", start, length, c))
         reads.append(piece_reads)
         return s_next
 
-    for start, length, c in _segments(t_len, chunk, segment_tokens(n, r, g, chunk)):
+    for start, length, c in _segments(t_len, chunk, segment_tokens(n, r, g, chunk, scale=FORWARD_SEGMENTS)):
         x = _cut([t[:, start : start + length] for t in inputs], c)
         f = _factors(x, shared)
         if _factored_ok(x, f):
-            piece_reads, s, s_start, u_all = _factored_forward(x, f, s, shared)
-            pieces.append(("factored", start, length, c, s_start, u_all) if save else ("factored", start, length, c))
+            piece_reads, s, s_start, x_all = _factored_forward(x, f, s, shared)
+            pieces.append(("factored", start, length, c, s_start, x_all) if save else ("factored", start, length, c))
             reads.append(_uncut(piece_reads))
         else:  # the plain form, in its own (smaller) segments
             for sub_start, sub_length, sub_c in _segments(length, c, segment_tokens(n, r, g, c, per_row=True)):
@@ -389,22 +403,28 @@ class _ChunkedScan(torch.autograd.Function):
         for form, *_ in ctx.pieces:
             kept.append((next(it), next(it)) if form == "factored" else (next(it),))
         for (form, start, length, chunk), saved in zip(reversed(ctx.pieces), reversed(kept), strict=True):
-            span = slice(start, start + length)
-            piece = [t[:, span] for t in inputs]
-            if form == "factored":
-                x = _cut(piece, chunk)
-                d_rows = d_reads[:, span].reshape(n, length // chunk, chunk, r).transpose(-1, -2)
-                piece_grads, d_state = _factored_backward(x, _factors(x, shared), *saved, d_rows, d_state, shared)
-                piece_grads = [g.reshape(n, length, g.shape[-1]) for g in piece_grads[:2]] + [
-                    _uncut(g) for g in piece_grads[2:]
-                ]
+            if form == "factored":  # in sub-segments of whole chunks, the last first
+                step = segment_tokens(n, r, max(keep.shape[-1], erase.shape[-1]), chunk) // chunk
+                n_chunks = length // chunk
+                for first in reversed(range(0, n_chunks, step)):
+                    chunks = slice(first, min(first + step, n_chunks))
+                    span = slice(start + chunks.start * chunk, start + chunks.stop * chunk)
+                    x = _cut([t[:, span] for t in inputs], chunk)
+                    d_rows = d_reads[:, span].reshape(n, -1, chunk, r).transpose(-1, -2).contiguous()
+                    kept_span = [t[:, chunks] for t in saved]
+                    span_grads, d_state = _factored_backward(
+                        x, _factors(x, shared), *kept_span, d_rows, d_state, shared
+                    )
+                    for i, (grad, span_grad) in enumerate(zip(grads, span_grads, strict=True)):
+                        grad[:, span] = span_grad.flatten(1, 2) if i < 2 else _uncut(span_grad)  # q, k token-major
             else:
-                leaves = [t.detach().requires_grad_() for t in (*piece, saved[0])]
+                span = slice(start, start + length)
+                leaves = [t[:, span].detach().requires_grad_() for t in inputs] + [saved[0].detach().requires_grad_()]
                 with torch.enable_grad():
-                    piece_reads, s_end = _scan_segment(*leaves, chunk)
-                *piece_grads, d_state = torch.autograd.grad((piece_reads, s_end), leaves, (d_reads[:, span], d_state))
-            for grad, piece_grad in zip(grads, piece_grads, strict=True):
-                grad[:, span] = piece_grad
+                    piece_reads, s_end = _plain_segment(*leaves, chunk)
+                *span_grads, d_state = torch.autograd.grad((piece_reads, s_end), leaves, (d_reads[:, span], d_state))
+                for grad, span_grad in zip(grads, span_grads, strict=True):
+                    grad[:, span] = span_grad
         needed = [g if wanted else None for g, wanted in zip(grads, ctx.needs_input_grad, strict=False)]
         return (*needed, d_state, None)
 

@@ -56,6 +56,12 @@ def test_scan_smoke_writes_expected_json(tmp_path: Path, capsys: pytest.CaptureF
     }
     assert all(row["fwd_chunked_ms"] > 0 and row["fwdbwd_chunked_ms"] > 0 for row in data["chunk_sweep"])
     assert all(min(row[f"{mode}_rel"] for row in data["chunk_sweep"]) == 1 for mode in ("fwd", "fwdbwd"))
+    assert {(row["T"], row["r"], row["N"]) for row in data["crossover"]} == {
+        (t, r, n) for r, n in grid["crossover_shapes"] for t in grid["crossover_T"]
+    }
+    for row in data["crossover"]:
+        assert row["fwd_speedup"] > 0 and row["fwdbwd_speedup"] > 0
+        assert row["auto_fwdbwd"] == scan.auto_impl(row["N"], row["T"], row["r"], grad=True)
     printed = capsys.readouterr().out
     assert "| T | r | N |" in printed and "fwd+bwd ×" in printed and "% of limit" in printed
     assert not list(out.parent.glob("*.tmp"))  # the atomic write left no temp file

@@ -25,3 +25,13 @@ def render_ids(
         **(template_kwargs or {}),
     )
     return text, list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """How many leading items ``a`` and ``b`` share: where an answer's tokens start after its rendered prompt."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -13,6 +13,7 @@ from transformers import GenerationConfig
 
 from .._compat import cache_kwargs, output_cache
 from .._padding import pad_batch, pad_token_id
+from ..chat.templates import common_prefix
 from ._batching import model_device
 from .prompts import render_prompt
 from .tasks import Message
@@ -43,9 +44,7 @@ def answer_token_ids(
     )
     encoded = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
-    start = 0
-    while start < min(len(ids), len(prompt_ids)) and ids[start] == prompt_ids[start]:
-        start += 1
+    start = common_prefix(ids, prompt_ids)
     at = full_text.rfind(answer) if answer else -1
     end = at + len(answer) if at >= 0 else len(full_text)
     tokens = [t for t, (lo, _) in zip(ids[start:], offsets[start:], strict=True) if lo < end]

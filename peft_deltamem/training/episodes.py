@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..chat.segments import encode_conversation
-from ..chat.templates import render_ids
+from ..chat.templates import common_prefix, render_ids
 from ..config import WRITE_GRANULARITIES
 
 IGNORE_INDEX = -100
@@ -125,15 +125,6 @@ def split_episode(
     return (system + history if history else []), system + recent
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def encode_write_history(
     tokenizer: Any, messages: Sequence[Message], options: EpisodeOptions
 ) -> tuple[list[int], list[int] | None]:
@@ -160,7 +151,7 @@ def encode_read_context(
     full_text, full = render_ids(tokenizer, [*prompt, answer], kwargs)
     if prompt:
         _, prompt_ids = render_ids(tokenizer, prompt, kwargs, add_generation_prompt=True)
-        start = _common_prefix(prompt_ids, full)
+        start = common_prefix(prompt_ids, full)
     else:
         # Templates refuse an empty conversation, so there is no prompt rendering to compare with: the answer starts
         # at the token holding the first character of its content (the role header stays unlabelled).

@@ -5,9 +5,9 @@ The point of δ-mem is that a model can drop old turns from its prompt and still
 
 * :meth:`MemorySession.write` writes turns into the memory without generating;
 * :meth:`MemorySession.reply` answers from a short prompt (system + the last ``keep_last`` non-system messages + the
-  new user turn), *reading* the memory while it generates (as the training read pass does, DESIGN.md §5); a message
+  new user turn), *reading* the memory while it generates (as the training read pass does, docs/design.md §5); a message
   is written into the memory when it leaves that window (with ``keep_last = 0``: the user turn and its answer, right
-  after the answer), so no message is ever in the prompt and the memory together (DESIGN.md §8);
+  after the answer), so no message is ever in the prompt and the memory together (docs/design.md §8);
 * :meth:`MemorySession.save` / :meth:`MemorySession.load` persist memory + transcript + adapter identity.
 
 How a write is tokenised (a decision, since chat templates render a turn differently depending on its context)
@@ -81,7 +81,7 @@ class MemorySession:
         model: a ``PeftModel`` whose active adapter is a δ-mem adapter.
         tokenizer: a fast tokenizer with a chat template.
         keep_last: how many previous non-system messages the prompt of :meth:`reply` keeps verbatim (0 = none,
-            DESIGN.md §8). Older messages are in the memory, each written once, when it left this window.
+            docs/design.md §8). Older messages are in the memory, each written once, when it left this window.
         system: a system message put at the start of every prompt (never written into the memory).
         chat_template_kwargs: extra arguments for the chat template, e.g. ``{"enable_thinking": False}``.
         write_during_generation: write the prompt and the answer while generating (the paper's chat runtime)
@@ -171,7 +171,7 @@ class MemorySession:
             merge_stats(self._total_gates, stats)
 
     def _plan(self, user_text: str) -> Any:
-        """The window plan of a reply to ``user_text``: what is still unwritten + the new turn (DESIGN.md §8)."""
+        """The window plan of a reply to ``user_text``: what is still unwritten + the new turn (docs/design.md §8)."""
         system = [{"role": "system", "content": self.system}] if self.system is not None else []
         pending = [dict(m) for m in self.history[self.written :]]
         return plan_window([*system, *pending, {"role": "user", "content": user_text}], self.keep_last)

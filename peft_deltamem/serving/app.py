@@ -2,7 +2,7 @@
 
 :func:`create_app` wires an :class:`~peft_deltamem.serving.engine.Engine`, a
 :class:`~peft_deltamem.serving.store.SessionStore` and :class:`ServerConfig` into the routes. What a request does
-(DESIGN.md §8): the conversation it sends is split by :func:`~peft_deltamem.serving.window.plan_window` into write
+(docs/design.md §8): the conversation it sends is split by :func:`~peft_deltamem.serving.window.plan_window` into write
 groups (everything that has left the prompt window), the window and the new turn; the session's memory keeps the
 longest prefix of groups it has already written (rewinding to the snapshot after them), writes the rest, commits them
 with their snapshots, and the answer is generated from system + window + turn, reading the memory. The server never

@@ -1,6 +1,6 @@
 """`SessionStore`: the server's sessions in an embedded SQLite database (standard library, WAL mode).
 
-A session is an owner (the API key that created it, as a hash), a transcript of write groups (DESIGN.md §8, see
+A session is an owner (the API key that created it, as a hash), a transcript of write groups (docs/design.md §8, see
 :mod:`~peft_deltamem.serving.window`) and, for every group, the hash chaining it to the groups before and the memory
 snapshot right after it was written (the file :meth:`MemoryState.save` writes, a few KB). A session may also hold a
 *base* memory (imported with ``PUT /v1/sessions/{id}/memory``): the snapshot before its first group.

@@ -1,4 +1,4 @@
-"""The prompt window and the memory writes it implies (DESIGN.md §8), shared by ``MemorySession`` and the server.
+"""The prompt window and the memory writes it implies (docs/design.md §8), shared by ``MemorySession`` and the server.
 
 A reply's prompt is the system message(s) + the last ``keep_last`` non-system messages + the new turn. Every
 non-system message that has left that window is in the memory, written once, in order. Which messages are written
@@ -216,7 +216,7 @@ def _write_token_runs(
     """Token writes of the tokens that belong to a message; the others are read-only context.
 
     Runs of written / unwritten tokens go through the model in turn, sharing a KV cache, so every token sees the
-    same context as in one call (continuity of token writes, DESIGN.md §3).
+    same context as in one call (continuity of token writes, docs/design.md §3).
     """
     from transformers import DynamicCache
 

@@ -109,7 +109,7 @@ def test_reply_reads_while_generating_then_writes_the_new_turn(model) -> None:
 def test_keep_last_keeps_that_many_messages_and_writes_each_message_once_when_it_leaves_the_window(
     model, monkeypatch
 ) -> None:
-    """DESIGN.md §8: prompt = system + the last keep_last non-system messages + the new turn; every older message is
+    """docs/design.md §8: prompt = system + the last keep_last non-system messages + the new turn; every older message is
     in the memory, written once, in order (never in the prompt and the memory together)."""
     tok = qwen3_tokenizer()
     spy = GenerateSpy(model, monkeypatch)
@@ -255,7 +255,7 @@ def reference_message_writes(model, tokenizer, messages) -> torch.Tensor:
     """Layer 0's state after one delta-rule write per message from the mean of its tokens' attention inputs.
 
     Layer 0's attention input is input_layernorm(embeddings), which does not depend on memory reads or on attention
-    context, so it can be computed here without the adapter (DESIGN.md §1, standard mode, coupled λ, one head).
+    context, so it can be computed here without the adapter (docs/design.md §1, standard mode, coupled λ, one head).
     """
     seg = encode_conversation(tokenizer, messages)
     base = model.base_model.model.model

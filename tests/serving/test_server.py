@@ -1,6 +1,6 @@
 """``deltamem serve`` through the official ``openai`` client against a real uvicorn server on 127.0.0.1 (tiny model).
 
-Drop-in semantics (DESIGN.md §8), rewinds, streaming, concurrency and batching, sessions, metrics.
+Drop-in semantics (docs/design.md §8), rewinds, streaming, concurrency and batching, sessions, metrics.
 """
 
 from __future__ import annotations

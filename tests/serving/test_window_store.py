@@ -1,4 +1,4 @@
-"""The prompt window and write groups (DESIGN.md §8) and the SQLite session store."""
+"""The prompt window and write groups (docs/design.md §8) and the SQLite session store."""
 
 from __future__ import annotations
 

@@ -183,7 +183,7 @@ def test_concurrent_sessions_answer_as_alone_and_are_batched(model, tmp_path) ->
             {"role": "assistant", "content": f"Ok {i}."},
             {"role": "user", "content": USER_TURNS[3 + i % 3]},
         ]
-        for i in range(6)
+        for i in range(8)
     }
     with serve(model, tmp_path) as server:
         client = server.client()
@@ -210,3 +210,33 @@ def test_one_session_hit_concurrently_keeps_arrival_order(model, tmp_path) -> No
         # whatever the order, the memory is a function of the conversation: the shared first turn only
         assert same(server_memory(server, "same"), reference_memory(model, [base]))
         assert httpx.get(f"{server.url}/v1/sessions/same").json()["write_groups"] == 1
+
+
+def test_streams_in_one_batch_each_give_their_answer_and_a_disconnect_leaves_the_session_consistent(
+    model, tmp_path
+) -> None:
+    conversations = [[{"role": "user", "content": text}] for text in USER_TURNS[:4]]
+    with serve(model, tmp_path) as server:
+        client = server.client()
+        alone = [chat(client, conv, max_tokens=10).choices[0].message.content for conv in conversations]
+        engine = server.server.config.app.state.server.engine
+        engine.batches.clear()
+
+        def streamed(conv):
+            stream = client.chat.completions.create(
+                model="tiny", messages=conv, stream=True, max_tokens=10, temperature=0
+            )
+            return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+        with cf.ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(streamed, conversations, timeout=120)) == alone
+        assert max(engine.batches) > 1
+
+        # A client that goes away mid-stream: the request's writes are committed, its partial answer never written.
+        history = [{"role": "user", "content": USER_TURNS[0]}, {"role": "assistant", "content": "Ok."}]
+        body = {"messages": [*history, {"role": "user", "content": "?"}], "stream": True, "max_tokens": 50}
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "session_id": "gone"}) as r:
+            next(r.iter_lines())
+        assert same(server_memory(server, "gone"), reference_memory(model, [history]))
+        assert chat(client, body["messages"], "gone").choices[0].finish_reason in ("stop", "length")
+        assert httpx.get(f"{server.url}/v1/sessions/gone").json()["write_groups"] == 1

@@ -50,7 +50,7 @@ def default_chunk_size(n: int, t_len: int, r: int, rowwise: bool = True) -> int:
     few small ops), so C shrinks as the number of independent rows grows: N·r with rank-wise gates, N with gates
     shared by the rows (one solve for all rows)."""
     rows = n * r if rowwise else n
-    c = 64 if rows <= 8 else 32 if rows <= 32 else 16
+    c = 64 if rows <= 8 else 32
     return max(1, min(c, t_len))
 
 
@@ -287,17 +287,18 @@ def _factored_backward(
     f: _Factors,
     s_start: torch.Tensor,
     x_all: torch.Tensor,
+    reads: torch.Tensor,
     d_reads: torch.Tensor,
     d_state: torch.Tensor,
     shared: bool,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Gradients of a segment (rows-first contiguous ``d_reads`` [N, nc, r, C], ``d_state`` after it) w.r.t. its
-    chunked inputs (as :class:`_Chunked`, rows first) and its start state, from what its forward kept: the start state
-    of each chunk and x = u / P'."""
+    """Gradients of a segment w.r.t. its chunked inputs (as :class:`_Chunked`, rows first) and its start state, from
+    what its forward kept (each chunk's start state and x = u / P', and the reads it returned), given ``d_reads``
+    (rows first, contiguous [N, nc, r, C]) and ``d_state`` (the gradient of the state after the segment)."""
     g_read = d_reads * f.p_in
-    dx_read = g_read @ f.tq_t.transpose(-1, -2).contiguous()  # read = P ⊙ (Q s_0ᵀ + R x): through x
+    dx_read = g_read @ f.tq_t.transpose(-1, -2)  # read = P ⊙ (Q s_0ᵀ + R x): through x
     ds_read = g_read @ x.q  # ... through s_0
-    dws, drhss = [], []
+    dws, dxs, drhss = [], [], []
     ds = d_state
     per_chunk = (dx_read, ds_read, x.k, f.kt, f.p_out, f.p_all, f.ep, f.tk)
     chunks = zip(*(t.unbind(1) for t in per_chunk), strict=True)
@@ -306,30 +307,29 @@ def _factored_backward(
         dx = torch.baddbmm(dx_read_c, dw, kt_c)
         drhs = _solve(_system(tk_c, ep_c, p_out_c, shared), dx, shared, transpose=True)
         ds = torch.baddbmm(ds_read_c + dw, drhs * ep_c, k_c, alpha=-1.0)  # rhs has −erase⊙P⊙(K s_0ᵀ)
-        dws.append(dw), drhss.append(drhs)
-    dw, drhs = torch.stack(dws[::-1], dim=1), torch.stack(drhss[::-1], dim=1)
+        dws.append(dw), dxs.append(dx), drhss.append(drhs)
+    dw, dx, drhs = (torch.stack(t[::-1], dim=1) for t in (dws, dxs, drhss))
 
-    y = drhs * f.ep
-    # Token-major copies [N, nc, C, r] of the rows-first factors, for the products that sum over the rows.
-    x_tm, g_tm, y_tm = (t.transpose(-1, -2).contiguous() for t in (x_all, g_read, y))
-    d_tq = (g_tm @ x_all).tril_(-1)
-    d_tk = (y_tm @ x_all).tril_(-1).neg_()  # the system's diag(erase⊙P) T: −drhs xᵀ ⊙ erase⊙P
+    y = drhs * f.ep  # the system's diag(erase⊙P) T and the rhs's erase⊙P⊙(K s_0ᵀ) see −drhs ⊙ erase⊙P
+    d_tq = (g_read.transpose(-1, -2) @ x_all).tril_(-1)
+    d_tk = (y.transpose(-1, -2) @ x_all).tril_(-1).neg_()
     d_tk = d_tk + d_tk.transpose(-1, -2)  # T = K Kᵀ is symmetric in K
-    dq = g_tm @ s_start
+    dq = g_read.transpose(-1, -2) @ s_start
     dq += d_tq @ x.k
-    dk = (x_tm @ g_read).triu_(1) @ x.q  # d_Rᵀ Q
-    dk += x_tm @ dw
+    dk = d_tq.transpose(-1, -2) @ x.q
+    dk += x_all.transpose(-1, -2) @ dw
     dk += d_tk @ x.k
-    dk -= y_tm @ s_start
+    dk -= y.transpose(-1, -2) @ s_start
     # −(gradient w.r.t. erase ⊙ P): through the system (T x) and the rhs (K s_0ᵀ)
     neg_d_ep = (x_all @ f.kk.triu(1)).add_(s_start @ f.kt).mul_(drhs)
     # Decays, as gradients w.r.t. log keep: P_t holds keep_m for m < t, P'_j (the system's diagonal) for m ≤ j, P_C
-    # all of them.
+    # all of them. Through the reads: d_reads ⊙ reads; through s_C = P_C w: Σ dw ⊙ w with
+    # Σ_j dw (x K)_j = Σ_t x ⊙ (dw Kᵀ) = Σ_t x ⊙ (dx − dx_read).
     gk = x.keep.shape[2]
-    reads_inner = (x_all @ f.tq_t).add_(s_start @ f.qt)
-    dlog_p_in = _rows_to(g_read.mul_(reads_inner), gk) - _rows_to(neg_d_ep * f.ep, gk)  # g_read is used up
+    dlog_p_in = _rows_to(d_reads * reads, gk) - _rows_to(neg_d_ep * f.ep, gk)
     dlog_p_out = _rows_to(drhs * x_all * f.p_out, gk).neg_()
-    dlog_p_all = _rows_to((x_all @ x.k).add_(s_start).mul_(dw).sum(-1, keepdim=True), gk)  # dw ⊙ w
+    dw_w = (dw * s_start).sum(-1, keepdim=True) + (x_all * (dx - dx_read)).sum(-1, keepdim=True)
+    dlog_p_all = _rows_to(dw_w, gk)
     # Σ_{t>m} dlog P_t + Σ_{j≥m} dlog P'_j, as products with 0/1 triangular matrices
     c = x.keep.shape[-1]
     ones = torch.ones(c, c, dtype=dw.dtype, device=dw.device)
@@ -388,13 +388,13 @@ class _ChunkedScan(torch.autograd.Function):
     def forward(ctx, q, k, v, keep, erase, write, s0, chunk):  # type: ignore[override]
         reads, final, pieces = _run_segments((q, k, v, keep, erase, write), s0, chunk, save=True)
         ctx.pieces = [piece[:4] for piece in pieces]
-        ctx.save_for_backward(q, k, v, keep, erase, write, *(t for piece in pieces for t in piece[4:]))
+        ctx.save_for_backward(q, k, v, keep, erase, write, reads, *(t for piece in pieces for t in piece[4:]))
         return reads, final
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_reads, d_state):  # type: ignore[override]
-        q, k, v, keep, erase, write, *tensors = ctx.saved_tensors
+        q, k, v, keep, erase, write, reads, *tensors = ctx.saved_tensors
         inputs = (q, k, v, keep, erase, write)
         n, _, r = q.shape
         shared = max(keep.shape[-1], erase.shape[-1]) == 1
@@ -410,10 +410,12 @@ class _ChunkedScan(torch.autograd.Function):
                     chunks = slice(first, min(first + step, n_chunks))
                     span = slice(start + chunks.start * chunk, start + chunks.stop * chunk)
                     x = _cut([t[:, span] for t in inputs], chunk)
-                    d_rows = d_reads[:, span].reshape(n, -1, chunk, r).transpose(-1, -2).contiguous()
+                    d_rows, reads_rows = (
+                        t[:, span].reshape(n, -1, chunk, r).transpose(-1, -2).contiguous() for t in (d_reads, reads)
+                    )
                     kept_span = [t[:, chunks] for t in saved]
                     span_grads, d_state = _factored_backward(
-                        x, _factors(x, shared), *kept_span, d_rows, d_state, shared
+                        x, _factors(x, shared), *kept_span, reads_rows, d_rows, d_state, shared
                     )
                     for i, (grad, span_grad) in enumerate(zip(grads, span_grads, strict=True)):
                         grad[:, span] = span_grad.flatten(1, 2) if i < 2 else _uncut(span_grad)  # q, k token-major

@@ -19,6 +19,9 @@ from .memory.context import CONTEXT_KWARG, MemoryCallContext
 from .ops import delta_rule_scan
 
 PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
+# Names of the memory's input projections (see DeltaMemAttention._project): the query, and what a write needs.
+_QUERY = "q"
+_WRITE_INPUTS = ("k", "v", "write_gate", "keep_gate")
 
 
 def find_projections(attention: nn.Module) -> dict[str, nn.Module] | None:
@@ -27,6 +30,38 @@ def find_projections(attention: nn.Module) -> dict[str, nn.Module] | None:
     if any(not isinstance(m, nn.Module) or not hasattr(m, "weight") for m in found.values()):
         return None
     return found
+
+
+def _stack(modules: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights (and biases; zeros where a module has none) of several Linear layers stacked on the output dim."""
+    weight = torch.cat([m.weight for m in modules])
+    if all(m.bias is None for m in modules):
+        return weight, None
+    return weight, torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in modules])
+
+
+def _stacked_linear(cache: dict, key: Any, modules: list[nn.Linear], x: torch.Tensor) -> torch.Tensor:
+    """``x`` through several Linear layers in one matmul, outputs concatenated on the last dim.
+
+    Decoding runs these small projections once per token and layer, where each matmul call costs more than its
+    arithmetic: one call instead of four is most of the per-token overhead saved. While gradients can reach the
+    parameters, the stack is rebuilt in the graph at every call, so each module's own parameters get their gradients;
+    otherwise it is cached and rebuilt only when a parameter changed (in place, as optimisers and load_state_dict
+    do: its version counter moves) or moved (another storage).
+    """
+    if len(modules) == 1:
+        return modules[0](x)
+    params = [p for m in modules for p in (m.weight, m.bias) if p is not None]
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        weight, bias = _stack(modules)
+        return F.linear(x, weight, bias)
+    stamp = tuple((p._version, p.data_ptr(), p.device, p.dtype) for p in params)
+    cached = cache.get(key)
+    if cached is None or cached[0] != stamp:
+        with torch.no_grad():
+            cached = (stamp, *_stack(modules))
+        cache[key] = cached
+    return F.linear(x, cached[1], cached[2])
 
 
 def state_update_gates(
@@ -80,8 +115,9 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
         for name in self.adapter_layer_names:
             container = nn.ParameterDict() if name in ("deltamem_delta_o_norm", "deltamem_delta_scale") else None
             setattr(self, name, container if container is not None else nn.ModuleDict())
-        # (adapter, reads) while the base attention runs inside forward(); the projection hooks read it.
-        self._pending_reads: tuple[str, torch.Tensor] | None = None
+        # head -> correction while the base attention runs inside forward(); the projection hooks add them.
+        self._pending_corrections: dict[str, torch.Tensor] | None = None
+        self._stacked_weights: dict[Any, tuple] = {}  # see _stacked_linear
         self._hook_handles = [
             module.register_forward_hook(self._make_correction_hook(head)) for head, module in projections.items()
         ]
@@ -195,14 +231,15 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
             self.memory_step(adapter, hidden_states.detach(), context)
             return self.base_layer(*args, **kwargs)
         reads = self.memory_step(adapter, hidden_states, context)
-        self._pending_reads = (adapter, reads)
+        self._pending_corrections = self.corrections(adapter, reads)
         try:
             return self.base_layer(*args, **kwargs)
         finally:
-            self._pending_reads = None
+            self._pending_corrections = None
 
-    def memory_step(self, adapter: str, hidden_states: torch.Tensor, context: MemoryCallContext) -> torch.Tensor:
-        """Memory reads o_t [B, T, n·r] for this call; the state after the call's writes goes to ``context``."""
+    def memory_step(self, adapter: str, hidden_states: torch.Tensor, context: MemoryCallContext) -> torch.Tensor | None:
+        """Memory reads o_t [B, T, n·r] for this call (None for a write-only call); the state after the call's writes
+        goes to ``context``."""
         config = self.deltamem_config[adapter]
         batch, length, _ = hidden_states.shape
         heads, r = config.num_state_heads, config.r
@@ -211,25 +248,43 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
         token_mask = context.token_mask  # [B·n, T]
         if heads > 1:
             token_mask = token_mask.repeat_interleave(heads, dim=0)
-        q = self._fold(self.deltamem_memory_q[adapter](x), heads)
-        if config.normalize_qk:
-            q = F.normalize(torch.tanh(q), dim=-1)
+        token_writes = context.write and config.write_granularity == "token"
+        # One matmul projects every token for what this call does: the query if it reads, the write inputs if it
+        # writes tokens (segment writes project segment means instead, below).
+        wanted = ((_QUERY,) if context.read else ()) + (_WRITE_INPUTS if token_writes else ())
+        projected = self._project(adapter, x, wanted) if wanted else {}
+        q = None
+        if _QUERY in projected:
+            q = self._fold(projected.pop(_QUERY), heads)
+            if config.normalize_qk:
+                q = F.normalize(torch.tanh(q), dim=-1)
 
-        if not context.write:
-            # Read-only: every token reads the memory as it is; nothing is written.
-            reads = self._read_only(state, q, token_mask)
-        elif config.write_granularity == "token":
-            k, v, keep, erase, write, write_gate = self._write_inputs(adapter, x)
+        if token_writes:
+            k, v, keep, erase, write, write_gate = self._write_inputs(adapter, projected)
+            # A write-only call has no query: the scan's reads (from k) are discarded.
             reads, final_state = delta_rule_scan(
-                q, k, v, keep, erase, write, state, token_mask, impl=config.scan_impl, chunk_size=config.scan_chunk_size
+                k if q is None else q,
+                k,
+                v,
+                keep,
+                erase,
+                write,
+                state,
+                token_mask,
+                impl=config.scan_impl,
+                chunk_size=config.scan_chunk_size,
             )
             context.record(self.memory_key, final_state.view(batch, heads, r, r), write_gate, token_mask)
         else:
-            # message / sentence: every token reads the memory from before the call; then one write per segment,
-            # from the mean hidden state of its valid tokens, segments in id order.
-            reads = self._read_only(state, q, token_mask)
+            # Read-only, message and sentence calls: every token reads the memory as it was before the call.
+            reads = None if q is None else self._read_only(state, q, token_mask)
+        if context.write and not token_writes:
+            # message / sentence: one write per segment, from the mean hidden state of its valid tokens, segments in
+            # id order.
             segment_means, segment_mask = self._segment_means(x, context)
-            k, v, keep, erase, write, write_gate = self._write_inputs(adapter, segment_means)
+            k, v, keep, erase, write, write_gate = self._write_inputs(
+                adapter, self._project(adapter, segment_means, _WRITE_INPUTS)
+            )
             segment_mask = segment_mask.repeat_interleave(heads, dim=0)
             _, final_state = delta_rule_scan(
                 k,
@@ -244,6 +299,8 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
                 chunk_size=config.scan_chunk_size,
             )
             context.record(self.memory_key, final_state.view(batch, heads, r, r), write_gate, segment_mask)
+        if not context.read:
+            return None
         return reads.view(batch, heads, length, r).transpose(1, 2).reshape(batch, length, heads * r)
 
     @staticmethod
@@ -258,19 +315,34 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
     def _read_only(state: torch.Tensor, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return torch.einsum("nvk,ntk->ntv", state, q) * mask.unsqueeze(-1)
 
-    def _write_inputs(self, adapter: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """k, v and the (keep, erase, write) coefficients of each write, plus β, all folded to [B·n, steps, ·]."""
+    def _project(self, adapter: str, x: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """``x`` through the named memory input projections (W_mq, W_mk, W_mv, W_β, W_λ) in one matmul."""
+        containers = {
+            _QUERY: self.deltamem_memory_q,
+            "k": self.deltamem_memory_k,
+            "v": self.deltamem_memory_v,
+            "write_gate": self.deltamem_write_gate,
+            "keep_gate": self.deltamem_keep_gate,
+        }
+        names = tuple(name for name in names if adapter in containers[name])  # no keep gate when λ = 1 − β
+        modules = [containers[name][adapter] for name in names]
+        out = _stacked_linear(self._stacked_weights, (adapter, names), modules, x)
+        return dict(zip(names, out.split([m.out_features for m in modules], dim=-1), strict=True))
+
+    def _write_inputs(self, adapter: str, projected: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """k, v and the (keep, erase, write) coefficients of each write, plus β, all folded to [B·n, steps, ·],
+        from the write inputs' projections (:meth:`_project`)."""
         config = self.deltamem_config[adapter]
         heads = config.num_state_heads
-        k = self._fold(self.deltamem_memory_k[adapter](x), heads)
-        v = self._fold(self.deltamem_memory_v[adapter](x), heads)
+        k = self._fold(projected["k"], heads)
+        v = self._fold(projected["v"], heads)
         if config.normalize_qk:
             k = F.normalize(torch.tanh(k), dim=-1)
-        write_gate = torch.sigmoid(self._fold(self.deltamem_write_gate[adapter](x), heads))  # β
+        write_gate = torch.sigmoid(self._fold(projected["write_gate"], heads))  # β
         if config.couple_lambda:
             keep_gate = 1.0 - write_gate  # λ = 1 − β
         else:
-            keep_gate = torch.sigmoid(self._fold(self.deltamem_keep_gate[adapter](x), heads))
+            keep_gate = torch.sigmoid(self._fold(projected["keep_gate"], heads))
         keep, erase, write = state_update_gates(config.state_update_mode, write_gate, keep_gate)
         return k, v, keep, erase, write, write_gate
 
@@ -291,31 +363,39 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
         means = torch.einsum("btm,bth->bmh", one_hot, x) / counts.clamp_min(1).unsqueeze(-1)
         return means, counts > 0
 
-    def correction(self, adapter: str, head: str, reads: torch.Tensor) -> torch.Tensor:
-        """scale · W_Δ o_t for one projection (o optionally RMS-normalised first, optionally a learned scale)."""
+    def corrections(self, adapter: str, reads: torch.Tensor) -> dict[str, torch.Tensor]:
+        """scale · W_Δ o_t for every active correction head, by head (q, k, v, o): one matmul for all heads, then the
+        o head optionally RMS-normalised and each optionally scaled by its learned factor."""
         config = self.deltamem_config[adapter]
-        delta_head = getattr(self, f"deltamem_delta_{head}")[adapter]
-        delta = delta_head(reads.to(delta_head.weight.dtype))
-        if head == "o" and adapter in self.deltamem_delta_o_norm:
-            norm_weight = self.deltamem_delta_o_norm[adapter]
-            rms = torch.rsqrt(delta.float().pow(2).mean(-1, keepdim=True) + config.delta_o_rmsnorm_eps)
-            delta = (delta.float() * rms).to(delta.dtype) * norm_weight
-        scale = config.scale
-        if adapter in self.deltamem_delta_scale:
-            raw = self.deltamem_delta_scale[adapter]
-            index = DELTA_HEADS.index(head) if raw.numel() > 1 else 0
-            scale = scale * torch.sigmoid(raw[index]) * config.delta_scale_max
-        return delta * scale
+        heads = [head for head in DELTA_HEADS if adapter in getattr(self, f"deltamem_delta_{head}")]
+        modules = [getattr(self, f"deltamem_delta_{head}")[adapter] for head in heads]
+        if not modules:
+            return {}
+        dtype = modules[0].weight.dtype
+        if any(m.weight.dtype != dtype for m in modules):  # mixed precisions cannot share one matmul
+            raw = [m(reads.to(m.weight.dtype)) for m in modules]
+        else:
+            stacked = _stacked_linear(self._stacked_weights, (adapter, "delta"), modules, reads.to(dtype))
+            raw = stacked.split([m.out_features for m in modules], dim=-1)
+        out = {}
+        for head, delta in zip(heads, raw, strict=True):
+            if head == "o" and adapter in self.deltamem_delta_o_norm:
+                norm_weight = self.deltamem_delta_o_norm[adapter]
+                rms = torch.rsqrt(delta.float().pow(2).mean(-1, keepdim=True) + config.delta_o_rmsnorm_eps)
+                delta = (delta.float() * rms).to(delta.dtype) * norm_weight
+            scale = config.scale
+            if adapter in self.deltamem_delta_scale:
+                raw_scale = self.deltamem_delta_scale[adapter]
+                index = DELTA_HEADS.index(head) if raw_scale.numel() > 1 else 0
+                scale = scale * torch.sigmoid(raw_scale[index]) * config.delta_scale_max
+            out[head] = delta * scale
+        return out
 
     def _make_correction_hook(self, head: str):
         def add_correction(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            pending = self._pending_reads
-            if pending is None:
-                return output
-            adapter, reads = pending
-            if adapter not in getattr(self, f"deltamem_delta_{head}"):
-                return output
-            return output + self.correction(adapter, head, reads).to(output.dtype)
+            pending = self._pending_corrections
+            delta = None if pending is None else pending.get(head)
+            return output if delta is None else output + delta.to(output.dtype)
 
         return add_correction
 

@@ -19,7 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -51,7 +51,6 @@ class ServerConfig:
     max_tokens_limit: int = 2048
     default_max_tokens: int = 256
     max_open_streams: int = 64
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _owner(key: str | None) -> str:

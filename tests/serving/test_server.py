@@ -240,3 +240,20 @@ def test_streams_in_one_batch_each_give_their_answer_and_a_disconnect_leaves_the
         assert same(server_memory(server, "gone"), reference_memory(model, [history]))
         assert chat(client, body["messages"], "gone").choices[0].finish_reason in ("stop", "length")
         assert httpx.get(f"{server.url}/v1/sessions/gone").json()["write_groups"] == 1
+
+
+def test_sampling_with_a_seed_is_reproducible_and_models_and_metrics_answer(model, tmp_path) -> None:
+    conversation = [{"role": "user", "content": USER_TURNS[0]}]
+    with serve(model, tmp_path) as server:
+        client = server.client()
+        sampled = [
+            chat(client, conversation, temperature=1.0, top_p=0.9, seed=7, max_tokens=8).choices[0].message.content
+            for _ in range(2)
+        ]
+        assert sampled[0] == sampled[1]
+        stopped = chat(client, conversation, max_tokens=12, stop=["e"]).choices[0]
+        assert "e" not in stopped.message.content
+        assert [m.id for m in client.models.list()] == ["tiny"]
+        metrics = httpx.get(f"{server.url}/metrics").text
+        for name in ("deltamem_requests_total", "deltamem_prompt_tokens_total", "deltamem_completion_tokens_total"):
+            assert name in metrics

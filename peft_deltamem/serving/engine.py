@@ -112,8 +112,10 @@ class _BatchStreamer(BaseStreamer):
             self._prompt_seen = True
             return
         for row, token in enumerate(value.view(-1).tolist()):
-            self.tokens[row].append(int(token))
             job = self.jobs[row]
+            if len(self.tokens[row]) >= job.params.max_tokens:
+                continue  # a batch runs to its longest request's max_tokens; this row has all it asked for
+            self.tokens[row].append(int(token))
             if job.on_delta is None:
                 continue
             text, done = self.engine._finish(self.tokens[row], job.params)

@@ -64,6 +64,19 @@ def _stacked_linear(cache: dict, key: Any, modules: list[nn.Linear], x: torch.Te
     return F.linear(x, cached[1], cached[2])
 
 
+_PENDING_CORRECTION = "_deltamem_correction"
+
+
+def _add_pending_correction(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook of an adapted projection: add the correction its δ-mem layer left on it for the current call.
+
+    The correction lives on the projection, not in a closure over the layer, so a deep copy of the model hooks up
+    to its own layers.
+    """
+    delta = module.__dict__.get(_PENDING_CORRECTION)
+    return output if delta is None else output + delta.to(output.dtype)
+
+
 def state_update_gates(
     mode: str, write_gate: torch.Tensor, keep_gate: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,12 +128,10 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
         for name in self.adapter_layer_names:
             container = nn.ParameterDict() if name in ("deltamem_delta_o_norm", "deltamem_delta_scale") else None
             setattr(self, name, container if container is not None else nn.ModuleDict())
-        # head -> correction while the base attention runs inside forward(); the projection hooks add them.
-        self._pending_corrections: dict[str, torch.Tensor] | None = None
         self._stacked_weights: dict[Any, tuple] = {}  # see _stacked_linear
-        self._hook_handles = [
-            module.register_forward_hook(self._make_correction_hook(head)) for head, module in projections.items()
-        ]
+        # A plain dict, not submodules: the projections are registered once, under the base attention.
+        self._projections = projections
+        self._hook_handles = [module.register_forward_hook(_add_pending_correction) for module in projections.values()]
         self.update_layer(adapter_name, config)
         self._active_adapter = adapter_name
 
@@ -231,11 +242,14 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
             self.memory_step(adapter, hidden_states.detach(), context)
             return self.base_layer(*args, **kwargs)
         reads = self.memory_step(adapter, hidden_states, context)
-        self._pending_corrections = self.corrections(adapter, reads)
+        corrections = self.corrections(adapter, reads)
+        for head, delta in corrections.items():
+            self._projections[head].__dict__[_PENDING_CORRECTION] = delta
         try:
             return self.base_layer(*args, **kwargs)
         finally:
-            self._pending_corrections = None
+            for head in corrections:
+                self._projections[head].__dict__.pop(_PENDING_CORRECTION, None)
 
     def memory_step(self, adapter: str, hidden_states: torch.Tensor, context: MemoryCallContext) -> torch.Tensor | None:
         """Memory reads o_t [B, T, n·r] for this call (None for a write-only call); the state after the call's writes
@@ -390,14 +404,6 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
                 scale = scale * torch.sigmoid(raw_scale[index]) * config.delta_scale_max
             out[head] = delta * scale
         return out
-
-    def _make_correction_hook(self, head: str):
-        def add_correction(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            pending = self._pending_corrections
-            delta = None if pending is None else pending.get(head)
-            return output if delta is None else output + delta.to(output.dtype)
-
-        return add_correction
 
     def __repr__(self) -> str:
         return "deltamem." + super().__repr__()

@@ -1,0 +1,133 @@
+"""The memory's input projections and the correction heads run as stacked matmuls (decode speed): the results are
+those of the separate projections, and a cached stack follows every change of a parameter."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_deltamem import DeltaMemAttention, DeltaMemConfig, MemoryState
+from tests.helpers.tiny_models import random_ids, randomize_adapter, tiny_model
+
+
+def adapted(**config):
+    model = get_peft_model(tiny_model("llama", seed=5), DeltaMemConfig(task_type="CAUSAL_LM", **config))
+    randomize_adapter(model, seed=6)
+    return model.eval()
+
+
+def unstacked_forward(model, ids, memory):
+    """The same forward with every stack rebuilt from the current parameters (a cache that never keeps anything)."""
+    layers = [m for m in model.modules() if isinstance(m, DeltaMemAttention)]
+    kept = [layer._stacked_weights for layer in layers]
+    for layer in layers:
+        layer._stacked_weights = _NeverCached()
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids, memory=memory).logits
+    finally:
+        for layer, cache in zip(layers, kept, strict=True):
+            layer._stacked_weights = cache
+
+
+class _NeverCached(dict):
+    """A cache that forgets at once, so every call stacks the current parameters afresh."""
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"delta_heads": ["q", "k", "v", "o"]},
+        {"delta_heads": ["q", "o"], "couple_lambda": False, "num_state_heads": 2, "delta_o_rmsnorm": True},
+        {"delta_heads": ["q", "o"], "trainable_delta_scale": True, "delta_scale_granularity": "head"},
+    ],
+)
+def test_stacked_projections_equal_the_separate_modules(config) -> None:
+    model = adapted(**config)
+    ids = random_ids(2, 7, seed=7)
+    layer = next(m for m in model.modules() if isinstance(m, DeltaMemAttention))
+    hidden = torch.randn(2, 7, layer.hidden_size, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        projected = layer._project("default", hidden, ("q", "k", "v", "write_gate", "keep_gate"))
+        for name, container in (
+            ("q", layer.deltamem_memory_q),
+            ("k", layer.deltamem_memory_k),
+            ("v", layer.deltamem_memory_v),
+            ("write_gate", layer.deltamem_write_gate),
+            ("keep_gate", layer.deltamem_keep_gate),
+        ):
+            if "default" in container:
+                torch.testing.assert_close(projected[name], container["default"](hidden), rtol=1e-5, atol=1e-5)
+            else:
+                assert name not in projected  # λ = 1 − β: no keep gate
+        reads = torch.randn(2, 7, layer.deltamem_memory_q["default"].out_features)
+        for head, delta in layer.corrections("default", reads).items():
+            separate = getattr(layer, f"deltamem_delta_{head}")["default"](reads)
+            if head == "o" and "default" in layer.deltamem_delta_o_norm:
+                separate = separate * torch.rsqrt(separate.pow(2).mean(-1, keepdim=True) + 1e-6)
+                separate = separate * layer.deltamem_delta_o_norm["default"]
+            ratio = delta.norm() / separate.norm()  # the corrections differ from the heads' outputs by a scale only
+            torch.testing.assert_close(delta, separate * ratio, rtol=1e-5, atol=1e-6)
+    memory = MemoryState()
+    with torch.no_grad():
+        logits = model(input_ids=ids, memory=memory).logits
+    reference_memory = MemoryState()
+    torch.testing.assert_close(logits, unstacked_forward(model, ids, reference_memory), rtol=1e-5, atol=1e-6)
+
+
+def test_a_cached_stack_follows_in_place_updates_and_new_adapters() -> None:
+    model = adapted(delta_heads=["q", "o"])
+    ids = random_ids(1, 6, seed=9)
+    with torch.no_grad():
+        model(input_ids=ids, memory=MemoryState())  # fills the caches
+        for name, param in model.named_parameters():
+            if "deltamem_" in name:
+                param.add_(0.25)  # what an optimiser step does: in place
+        changed = model(input_ids=ids, memory=MemoryState()).logits
+    torch.testing.assert_close(changed, unstacked_forward(model, ids, MemoryState()), rtol=1e-5, atol=1e-6)
+    model.load_state_dict(copy.deepcopy(model.state_dict()))  # same values: the stack stays valid
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, memory=MemoryState()).logits, changed, rtol=0, atol=0)
+
+
+def test_training_gradients_reach_each_projection() -> None:
+    model = adapted(delta_heads=["q", "o"])
+    model.train()
+    memory = MemoryState()
+    model(input_ids=random_ids(1, 6, seed=10), memory=memory)
+    model(input_ids=random_ids(1, 4, seed=11), memory=memory, memory_write=False).logits.sum().backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if "deltamem_" in name and "keep" not in name}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values()), [
+        n for n, g in grads.items() if g is None or g.abs().sum() == 0
+    ]
+
+
+def test_a_deep_copy_corrects_with_its_own_layers() -> None:
+    """The projection hooks find the corrections on the projection itself: a deep copy is a working, independent
+    model (they once read the original's layers, so a copy silently ran without corrections)."""
+    model = adapted(delta_heads=["q", "o"])
+    twin = copy.deepcopy(model)
+    ids, history = random_ids(1, 5, seed=12), random_ids(1, 6, seed=13)
+    with torch.no_grad():
+        memory, twin_memory = MemoryState(), MemoryState()
+        model(input_ids=history, memory=memory)
+        twin(input_ids=history, memory=twin_memory)
+        ours = model(input_ids=ids, memory=memory, memory_write=False).logits
+        theirs = twin(input_ids=ids, memory=twin_memory, memory_write=False).logits
+        with twin.disable_adapter():
+            base = twin(input_ids=ids).logits
+        for name, param in twin.named_parameters():
+            if "deltamem_delta" in name:
+                param.zero_()  # the twin's own corrections vanish; the original's stay
+        twin_zeroed = twin(input_ids=ids, memory=twin_memory, memory_write=False).logits
+        again = model(input_ids=ids, memory=memory, memory_write=False).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=0)
+    assert (ours - base).abs().max() > 1e-3  # the memory corrects the copy's output
+    torch.testing.assert_close(twin_zeroed, base, rtol=0, atol=1e-6)
+    torch.testing.assert_close(again, ours, rtol=0, atol=0)

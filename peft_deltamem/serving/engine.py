@@ -174,7 +174,7 @@ class TransformersEngine(Engine):
         self.eos_ids = list(dict.fromkeys(eos))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.template = self._empty_memory()
-        self.batches: list[int] = []  # sizes of the batches generated (for tests and metrics)
+        self.batches: deque[int] = deque(maxlen=1024)  # sizes of the latest batches generated
         self._queue: queue.Queue = queue.Queue()
         self._pending: deque = deque()
         self._stopping = False

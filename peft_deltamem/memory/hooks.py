@@ -116,7 +116,8 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
         write=bool(write),
         read=bool(read),
         segment_ids=_segment_ids(segment_ids, batch, length, tokens.device),
-        initial_states={k: v.to(tokens.device) for k, v in memory.states.items()},
+        # Most calls find the states on the right device already; .to() would still cost an operator call each.
+        initial_states={k: v if v.device == tokens.device else v.to(tokens.device) for k, v in memory.states.items()},
         record_write_gates=bool(record_write_gates),
     )
     kwargs[CONTEXT_KWARG] = context

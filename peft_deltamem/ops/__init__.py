@@ -10,18 +10,17 @@ __all__ = ["SCAN_IMPLS", "auto_impl", "delta_rule_scan"]
 
 SCAN_IMPLS = ("auto", "recurrent", "chunked")
 
-# impl="auto": the chunked form from this many tokens on. Measured on one CPU thread (docs/benchmarks.md): its fixed
-# cost (a few dozen small ops) equals about 16 tokens of the token loop for the forward+backward and for the
-# forward with up to 128 state rows (N·r); with more rows the forward crosses over at 32 tokens.
+# impl="auto": the chunked form from this many tokens on. Measured on one CPU thread (docs/benchmarks.md, the short
+# sequences table): its fixed cost (a few dozen small ops) equals about 16 tokens of the token loop for the
+# forward+backward and about 32 for the forward alone.
 AUTO_MIN_TOKENS = 16
-AUTO_MIN_TOKENS_MANY_ROWS_NO_GRAD = 32
-MANY_ROWS = 128
+AUTO_MIN_TOKENS_NO_GRAD = 32
 
 
 def auto_impl(n: int, t_len: int, r: int, *, grad: bool) -> str:
     """What ``impl="auto"`` runs for N sequences of T tokens at rank r (``grad``: a backward will follow)."""
-    rows_many = n * r > MANY_ROWS
-    threshold = AUTO_MIN_TOKENS_MANY_ROWS_NO_GRAD if rows_many and not grad else AUTO_MIN_TOKENS
+    del n, r  # the crossover measured hardly moves with the shape
+    threshold = AUTO_MIN_TOKENS if grad else AUTO_MIN_TOKENS_NO_GRAD
     return "chunked" if t_len >= threshold else "recurrent"
 
 
@@ -56,8 +55,8 @@ def delta_rule_scan(
     ``state`` is [N, r, r] or None (zeros); ``mask`` is [N, T] bool with True for valid tokens, or None.
     ``reads[:, t] = S_{t-1} q_t`` (0 where masked) in q's dtype; ``final_state`` is float32.
     ``impl`` is "recurrent" (token by token, the specification), "chunked" (chunkwise-parallel) or "auto"
-    (:func:`auto_impl`: the token loop below 16 tokens, below 32 for a forward without gradients over more than 128
-    state rows N·r; the chunked form otherwise). ``chunk_size`` is the chunked form's chunk length; None picks the
+    (:func:`auto_impl`: the token loop below 16 tokens, below 32 for a forward without gradients; the chunked form
+    otherwise). ``chunk_size`` is the chunked form's chunk length; None picks the
     one measured fastest for the shape (:func:`peft_deltamem.ops.chunked.default_chunk_size`).
     """
     if impl not in SCAN_IMPLS:

@@ -45,12 +45,12 @@ FORWARD_SEGMENTS = 4
 
 
 def default_chunk_size(n: int, t_len: int, r: int, rowwise: bool = True) -> int:
-    """The chunk size C measured fastest for a shape (docs/benchmarks.md, one CPU thread). Per token the chunked form
-    costs about C multiply-adds per state row (the per-row C×C system and its solve) plus a fixed cost per chunk (a
-    few small ops), so C shrinks as the number of independent rows grows: N·r with rank-wise gates, N with gates
-    shared by the rows (one solve for all rows)."""
+    """The chunk size C measured fastest for a shape (docs/benchmarks.md, one CPU thread): 64 up to 8 independent
+    rows, 32 up to 256, 16 above. Per token the chunked form costs about C multiply-adds per state row (the per-row C×C system and
+    its solve) plus a fixed cost per chunk (a few dozen small ops), so few rows favour long chunks. Rows are N·r with
+    rank-wise gates, N with keep and erase shared by the rows (one solve for all rows)."""
     rows = n * r if rowwise else n
-    c = 64 if rows <= 8 else 32
+    c = 64 if rows <= 8 else 32 if rows <= 256 else 16
     return max(1, min(c, t_len))
 
 
@@ -165,18 +165,19 @@ def _plain_segment(
 #
 # Within a chunk write P_t = exp(Γ_t) = Π_{m<t} keep_m and P'_j = exp(Γ_{j+1}) = Π_{m≤j} keep_m. Then
 # D_tj = P_t / P'_j, and with the strictly lower shared matrices T = tril₋₁(K Kᵀ), R = tril₋₁(Q Kᵀ) and, per row,
-# x = u / P' (elementwise):
+# x = u / P' (elementwise), the system of DESIGN.md §2 multiplied out by diag(P') becomes
 #
-#     (I + diag(erase ⊙ P) T diag(1/P')) u = write ⊙ v − erase ⊙ P ⊙ (K s_0ᵀ)      (the system of DESIGN.md §2)
+#     (diag(P') + diag(erase ⊙ P) T) x = write ⊙ v − erase ⊙ P ⊙ (K s_0ᵀ)      (lower triangular, C×C, per row)
 #     read  = P ⊙ (Q s_0ᵀ + R x)
 #     s_C   = P_C (s_0 + Σ_j x_j k_j)
 #
-# Only the system matrix is formed per row; the reads and the state need matmuls with T, R, K and Q that all rows
+# Only the system matrix is formed per row; the reads and the state are matmuls with T, R, K and Q that all rows
 # share. The backward is written out by hand in the same terms (gradients of the decays are taken w.r.t. log keep and
-# divided by keep at the end), so it needs no per-row C×C product either, and stores per chunk only its start state
-# and u. Dividing by P' is exact while the products stay far from float32's underflow: a segment whose keeps are
-# all ≥ FACTORED_MIN_KEEP and whose chunk products are all ≥ FACTORED_MIN_DECAY takes this path, any other the
-# plain form (_plain_segment, differentiated by autograd): saturated or near-zero keep gates stay exact.
+# divided by keep at the end), so it needs no other per-row C×C product either, and keeps from the forward only each
+# chunk's start state and x. Dividing by keep, and P' on the diagonal, are exact while the products stay far from
+# float32's underflow: a segment whose keeps are all ≥ FACTORED_MIN_KEEP and whose chunk products are all
+# ≥ FACTORED_MIN_DECAY takes this form, any other the plain form (_plain_segment, differentiated by autograd):
+# saturated or near-zero keep gates stay exact.
 
 FACTORED_MIN_KEEP = 1e-2
 FACTORED_MIN_DECAY = 1e-20
@@ -330,11 +331,12 @@ def _factored_backward(
     dlog_p_out = _rows_to(drhs * x_all * f.p_out, gk).neg_()
     dw_w = (dw * s_start).sum(-1, keepdim=True) + (x_all * (dx - dx_read)).sum(-1, keepdim=True)
     dlog_p_all = _rows_to(dw_w, gk)
-    # Σ_{t>m} dlog P_t + Σ_{j≥m} dlog P'_j, as products with 0/1 triangular matrices
+    # Σ_{t>m} dlog P_t + Σ_{j≥m} dlog P'_j = dlog P'_m + Σ_{t>m} (dlog P_t + dlog P'_t): the two largely cancel, so
+    # they are added token by token before the prefix sum (a product with a 0/1 triangle); 4× smaller round-off.
     c = x.keep.shape[-1]
     ones = torch.ones(c, c, dtype=dw.dtype, device=dw.device)
-    d_keep = dlog_p_in @ ones.tril(-1)
-    d_keep += dlog_p_out @ ones.tril()
+    d_keep = (dlog_p_in + dlog_p_out) @ ones.tril(-1)
+    d_keep += dlog_p_out
     d_keep.add_(dlog_p_all).div_(x.keep)
     d_erase = _rows_to(neg_d_ep.mul_(f.p_in).neg_(), x.erase.shape[2])
     d_v = drhs * x.write

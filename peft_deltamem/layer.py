@@ -74,7 +74,12 @@ def _add_pending_correction(module: nn.Module, inputs: tuple, output: torch.Tens
     to its own layers.
     """
     delta = module.__dict__.get(_PENDING_CORRECTION)
-    return output if delta is None else output + delta.to(output.dtype)
+    return output if delta is None else output + _as_dtype(delta, output.dtype)
+
+
+def _as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Even a no-op .to() is an operator call; the decode path runs these for every layer and token.
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def state_update_gates(
@@ -257,7 +262,7 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
         config = self.deltamem_config[adapter]
         batch, length, _ = hidden_states.shape
         heads, r = config.num_state_heads, config.r
-        x = hidden_states.to(self.deltamem_memory_q[adapter].weight.dtype)
+        x = _as_dtype(hidden_states, self.deltamem_memory_q[adapter].weight.dtype)
         state = context.initial_state(self.memory_key).reshape(batch * heads, r, r)
         token_mask = context.token_mask  # [B·n, T]
         if heads > 1:
@@ -321,9 +326,14 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
     def _fold(t: torch.Tensor, heads: int) -> torch.Tensor:
         """[B, T, n·size] -> [B·n, T, size] in float32: state heads are folded into the operator's N."""
         if heads == 1:  # the fold is the identity (a view): skip its three view operations
-            return t.float()
+            return _as_dtype(t, torch.float32)
         batch, length, width = t.shape
-        return t.float().view(batch, length, heads, width // heads).transpose(1, 2).reshape(batch * heads, length, -1)
+        return (
+            _as_dtype(t, torch.float32)
+            .view(batch, length, heads, width // heads)
+            .transpose(1, 2)
+            .reshape(batch * heads, length, -1)
+        )
 
     @staticmethod
     def _read_only(state: torch.Tensor, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -389,7 +399,7 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
         if any(m.weight.dtype != dtype for m in modules):  # mixed precisions cannot share one matmul
             raw = [m(reads.to(m.weight.dtype)) for m in modules]
         else:
-            stacked = _stacked_linear(self._stacked_weights, (adapter, "delta"), modules, reads.to(dtype))
+            stacked = _stacked_linear(self._stacked_weights, (adapter, "delta"), modules, _as_dtype(reads, dtype))
             raw = stacked.split([m.out_features for m in modules], dim=-1)
         out = {}
         for head, delta in zip(heads, raw, strict=True):

@@ -17,7 +17,7 @@ from peft_deltamem.serving.app import ServerConfig, create_app
 from peft_deltamem.serving.engine import TransformersEngine
 from peft_deltamem.serving.store import SessionStore, memory_from_bytes
 from peft_deltamem.serving.window import plan_window, write_messages
-from tests.helpers.chat_fixtures import qwen3_tokenizer
+from tests.helpers.chat_fixtures import llama3_tokenizer, qwen3_tokenizer, smollm2_tokenizer
 from tests.helpers.serving import ServerThread, served_model
 
 SYSTEM = {"role": "system", "content": "Be brief."}
@@ -37,8 +37,8 @@ def model():
     return served_model()
 
 
-def serve(model, tmp_path, **config):
-    engine = TransformersEngine(model, qwen3_tokenizer(), model_id="tiny", max_wait_s=0.05)
+def serve(model, tmp_path, tokenizer=None, **config):
+    engine = TransformersEngine(model, tokenizer or qwen3_tokenizer(), model_id="tiny", max_wait_s=0.05)
     return ServerThread(create_app(engine, SessionStore(tmp_path / "sessions.db"), ServerConfig(**config)))
 
 
@@ -67,8 +67,8 @@ def chat(client, messages, session_id=None, **kwargs):
     return client.chat.completions.create(model="tiny", messages=messages, extra_body=extra, **{**GREEDY, **kwargs})
 
 
-def prompt_tokens(messages) -> int:
-    tok = qwen3_tokenizer()
+def prompt_tokens(messages, tok=None) -> int:
+    tok = tok or qwen3_tokenizer()
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return len(tok(text, add_special_tokens=False)["input_ids"])
 
@@ -78,18 +78,25 @@ def prompt_tokens(messages) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("keep_last", [0, 3])
-def test_full_conversations_give_the_answers_and_memory_of_a_memory_session(model, tmp_path, keep_last) -> None:
-    session = MemorySession(model, qwen3_tokenizer(), keep_last=keep_last, system=SYSTEM["content"])
+@pytest.mark.parametrize(
+    ("tokenizer", "keep_last"),
+    [(qwen3_tokenizer, 0), (qwen3_tokenizer, 3), (smollm2_tokenizer, 1), (llama3_tokenizer, 2)],
+    ids=["qwen3-0", "qwen3-3", "smollm2-1", "llama3-2"],
+)
+def test_full_conversations_give_the_answers_and_memory_of_a_memory_session(
+    model, tmp_path, tokenizer, keep_last
+) -> None:
+    tok = tokenizer()
+    session = MemorySession(model, tok, keep_last=keep_last, system=SYSTEM["content"])
     conversation = [SYSTEM]
-    with serve(model, tmp_path, keep_last=keep_last) as server:
+    with serve(model, tmp_path, tok, keep_last=keep_last) as server:
         client = server.client()
         for text in USER_TURNS[:4]:
             conversation.append({"role": "user", "content": text})
             response = chat(client, conversation, "drop-in")
             plan = plan_window(conversation, keep_last)
             # the prompt holds system + the window + the new turn only
-            assert response.usage.prompt_tokens == prompt_tokens(plan.prompt)
+            assert response.usage.prompt_tokens == prompt_tokens(plan.prompt, tok)
             assert len(plan.window) == min(keep_last, len(conversation) - 2)
             assert same(server_memory(server, "drop-in"), session.memory)  # what the session held when answering
             answer = session.reply(text, max_new_tokens=GREEDY["max_tokens"], do_sample=False)

@@ -301,7 +301,7 @@ class TransformersEngine(Engine):
             future.set_exception(err)
 
     def _write(self, memory: MemoryState | None, messages: list[dict[str, Any]]) -> tuple[MemoryState, int]:
-        memory = self.template.clone() if memory is None else memory.clone()
+        memory = self.template.clone() if memory is None else memory.to(self.device).clone()  # store: on the CPU
         _, tokens = write_messages(
             self.model, self.tokenizer, memory, messages, chat_template_kwargs=self.chat_template_kwargs
         )
@@ -332,7 +332,7 @@ class TransformersEngine(Engine):
         for row, job in enumerate(jobs):  # left padding
             ids[row, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
             mask[row, width - len(job.prompt_ids) :] = 1
-        memory = MemoryState.cat([job.memory if job.memory is not None else self.template for job in jobs])
+        memory = MemoryState.cat([self.template if j.memory is None else j.memory.to(self.device) for j in jobs])
         params = jobs[0].params
         kwargs: dict[str, Any] = {"do_sample": False}
         if not params.greedy:

@@ -465,9 +465,9 @@ def test_dispatch_passes_chunk_size(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_default_chunk_size_rule() -> None:
-    """C shrinks as the independent rows grow (N·r with rank-wise gates, N with shared ones); never above T."""
+    """C is 64 up to 8 independent rows (N·r with rank-wise gates, N with shared ones), else 32; never above T."""
     rule = chunked_mod.default_chunk_size
-    assert [rule(1, 4096, 8), rule(4, 4096, 8), rule(16, 4096, 16), rule(16, 4096, 32)] == [64, 32, 32, 16]
+    assert [rule(1, 4096, 8), rule(4, 4096, 8), rule(16, 4096, 16), rule(16, 4096, 32)] == [64, 32, 32, 32]
     assert rule(16, 4096, 32, rowwise=False) == 32 and rule(8, 4096, 32, rowwise=False) == 64
     assert rule(1, 10, 8) == 10
 

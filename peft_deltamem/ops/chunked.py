@@ -46,11 +46,11 @@ FORWARD_SEGMENTS = 4
 
 def default_chunk_size(n: int, t_len: int, r: int, rowwise: bool = True) -> int:
     """The chunk size C measured fastest for a shape (docs/benchmarks.md, one CPU thread): 64 up to 8 independent
-    rows, 32 up to 256, 16 above. Per token the chunked form costs about C multiply-adds per state row (the per-row C×C system and
+    rows, else 32. Per token the chunked form costs about C multiply-adds per state row (the per-row C×C system and
     its solve) plus a fixed cost per chunk (a few dozen small ops), so few rows favour long chunks. Rows are N·r with
     rank-wise gates, N with keep and erase shared by the rows (one solve for all rows)."""
     rows = n * r if rowwise else n
-    c = 64 if rows <= 8 else 32 if rows <= 256 else 16
+    c = 64 if rows <= 8 else 32
     return max(1, min(c, t_len))
 
 

@@ -89,8 +89,12 @@ class DeltaMemConfig(PeftConfig):
     scan_impl: Literal["auto", "recurrent", "chunked"] = field(
         default="auto", metadata={"help": "Implementation of the recurrence (see peft_deltamem.ops)."}
     )
-    scan_chunk_size: int = field(
-        default=32, metadata={"help": "Chunk length of the chunked recurrence (16-32 measured fastest on CPU)."}
+    scan_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Chunk length of the chunked recurrence; None picks the one measured fastest for the shape "
+            "(peft_deltamem.ops.chunked.default_chunk_size)."
+        },
     )
     # Read by PEFT's target matching; δ-mem never targets bare parameters.
     target_parameters: list[str] | None = field(default=None, metadata={"help": "Unused by δ-mem."})
@@ -113,7 +117,8 @@ class DeltaMemConfig(PeftConfig):
         _check_positive("alpha", self.alpha, integer=False)
         _check_positive("num_state_heads", self.num_state_heads)
         _check_positive("base_slice_width", self.base_slice_width)
-        _check_positive("scan_chunk_size", self.scan_chunk_size)
+        if self.scan_chunk_size is not None:
+            _check_positive("scan_chunk_size", self.scan_chunk_size)
         _check_positive("delta_o_rmsnorm_eps", self.delta_o_rmsnorm_eps, integer=False)
         _check_positive("delta_scale_max", self.delta_scale_max, integer=False)
         if not self.delta_heads or any(h not in DELTA_HEADS for h in self.delta_heads):

@@ -13,6 +13,8 @@ import sys
 import warnings
 from typing import TextIO
 
+import torch
+
 from ..interop.convert import (
     ReferenceConfigWarning,
     ReferenceFormatError,
@@ -59,8 +61,6 @@ def main(argv: list[str] | None = None, *, stdout: TextIO | None = None, stderr:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if args.to_reference:
-                import torch
-
                 path = export_reference_adapter(args.src, args.out, dtype=getattr(torch, args.dtype))
             else:
                 path = convert_reference_adapter(args.src, args.out, args.base, revision=args.revision)

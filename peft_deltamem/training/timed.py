@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from datasets import Dataset
 from peft import PeftModel
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -58,8 +59,6 @@ class TimeBudgetCallback(TrainerCallback):
         """The current reading of the clock, in seconds."""
         if self.clock == "wall":
             return time.perf_counter()
-        import torch
-
         return time.process_time() / max(torch.get_num_threads(), 1)
 
     def elapsed(self) -> float:

@@ -281,18 +281,7 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
         if token_writes:
             k, v, keep, erase, write, write_gate = self._write_inputs(adapter, projected)
             # A write-only call has no query: the scan's reads (from k) are discarded.
-            reads, final_state = delta_rule_scan(
-                k if q is None else q,
-                k,
-                v,
-                keep,
-                erase,
-                write,
-                state,
-                token_mask,
-                impl=config.scan_impl,
-                chunk_size=config.scan_chunk_size,
-            )
+            reads, final_state = _scan(config, k if q is None else q, (k, v, keep, erase, write), state, token_mask)
             context.record(self.memory_key, final_state.view(batch, heads, r, r), write_gate, token_mask)
         else:
             # Read-only, message and sentence calls: every token reads the memory as it was before the call.
@@ -305,18 +294,7 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
                 adapter, self._project(adapter, segment_means, _WRITE_INPUTS)
             )
             segment_mask = segment_mask.repeat_interleave(heads, dim=0)
-            _, final_state = delta_rule_scan(
-                k,
-                k,
-                v,
-                keep,
-                erase,
-                write,
-                state,
-                segment_mask,
-                impl=config.scan_impl,
-                chunk_size=config.scan_chunk_size,
-            )
+            _, final_state = _scan(config, k, (k, v, keep, erase, write), state, segment_mask)
             context.record(self.memory_key, final_state.view(batch, heads, r, r), write_gate, segment_mask)
         if not context.read:
             return None
@@ -417,3 +395,8 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "deltamem." + super().__repr__()
+
+
+def _scan(config: DeltaMemConfig, q: torch.Tensor, writes: tuple, state: torch.Tensor, mask: torch.Tensor):
+    """``delta_rule_scan`` with the adapter's scan settings; ``writes`` is ``(k, v, keep, erase, write)``."""
+    return delta_rule_scan(q, *writes, state, mask, impl=config.scan_impl, chunk_size=config.scan_chunk_size)

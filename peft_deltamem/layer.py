@@ -32,36 +32,21 @@ def find_projections(attention: nn.Module) -> dict[str, nn.Module] | None:
     return found
 
 
-def _stack(modules: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The weights (and biases; zeros where a module has none) of several Linear layers stacked on the output dim."""
-    weight = torch.cat([m.weight for m in modules])
-    if all(m.bias is None for m in modules):
-        return weight, None
-    return weight, torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in modules])
-
-
-def _stacked_linear(cache: dict, key: Any, modules: list[nn.Linear], x: torch.Tensor) -> torch.Tensor:
+def _stacked_linear(modules: list[nn.Linear], x: torch.Tensor) -> torch.Tensor:
     """``x`` through several Linear layers in one matmul, outputs concatenated on the last dim.
 
     Decoding runs these small projections once per token and layer, where each matmul call costs more than its
-    arithmetic: one call instead of four is most of the per-token overhead saved. While gradients can reach the
-    parameters, the stack is rebuilt in the graph at every call, so each module's own parameters get their gradients;
-    otherwise it is cached and rebuilt only when a parameter changed (in place, as optimisers and load_state_dict
-    do: its version counter moves) or moved (another storage).
+    arithmetic: one call instead of four is most of the per-token overhead saved. The stack is built from the
+    current parameters at every call (a copy of a few KB): a cached stack cannot tell when a parameter changed,
+    since optimisers that write through ``param.data`` leave its version counter alone.
     """
     if len(modules) == 1:
         return modules[0](x)
-    params = [p for m in modules for p in (m.weight, m.bias) if p is not None]
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
-        weight, bias = _stack(modules)
-        return F.linear(x, weight, bias)
-    stamp = tuple((p._version, p.data_ptr(), p.device, p.dtype) for p in params)
-    cached = cache.get(key)
-    if cached is None or cached[0] != stamp:
-        with torch.no_grad():
-            cached = (stamp, *_stack(modules))
-        cache[key] = cached
-    return F.linear(x, cached[1], cached[2])
+    weight = torch.cat([m.weight for m in modules])
+    if all(m.bias is None for m in modules):
+        return F.linear(x, weight)
+    bias = torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in modules])
+    return F.linear(x, weight, bias)
 
 
 _PENDING_CORRECTION = "_deltamem_correction"
@@ -133,7 +118,6 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
         for name in self.adapter_layer_names:
             container = nn.ParameterDict() if name in ("deltamem_delta_o_norm", "deltamem_delta_scale") else None
             setattr(self, name, container if container is not None else nn.ModuleDict())
-        self._stacked_weights: dict[Any, tuple] = {}  # see _stacked_linear
         # A plain dict, not submodules: the projections are registered once, under the base attention.
         self._projections = projections
         self._hook_handles = [module.register_forward_hook(_add_pending_correction) for module in projections.values()]
@@ -328,7 +312,7 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
         }
         names = tuple(name for name in names if adapter in containers[name])  # no keep gate when λ = 1 − β
         modules = [containers[name][adapter] for name in names]
-        out = _stacked_linear(self._stacked_weights, (adapter, names), modules, x)
+        out = _stacked_linear(modules, x)
         return dict(zip(names, out.split([m.out_features for m in modules], dim=-1), strict=True))
 
     def _write_inputs(self, adapter: str, projected: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -377,7 +361,7 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
         if any(m.weight.dtype != dtype for m in modules):  # mixed precisions cannot share one matmul
             raw = [m(reads.to(m.weight.dtype)) for m in modules]
         else:
-            stacked = _stacked_linear(self._stacked_weights, (adapter, "delta"), modules, _as_dtype(reads, dtype))
+            stacked = _stacked_linear(modules, _as_dtype(reads, dtype))
             raw = stacked.split([m.out_features for m in modules], dim=-1)
         out = {}
         for head, delta in zip(heads, raw, strict=True):

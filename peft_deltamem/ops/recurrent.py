@@ -1,4 +1,4 @@
-"""Token-by-token row-gated delta rule: the readable specification of DESIGN.md §1-§2, and the decode path."""
+"""Token-by-token row-gated delta rule: the readable specification of docs/design.md §1-§2, and the decode path."""
 
 from __future__ import annotations
 

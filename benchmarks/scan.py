@@ -1,4 +1,4 @@
-"""Benchmark the memory recurrence: recurrent (token by token) vs chunked (chunkwise-parallel), DESIGN.md §2.
+"""Benchmark the memory recurrence: recurrent (token by token) vs chunked (chunkwise-parallel), docs/design.md §2.
 
     python benchmarks/scan.py --threads 1 [--docs docs/benchmarks.md] [--smoke] [--out benchmarks/results/scan.json]
 

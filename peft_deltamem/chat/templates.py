@@ -28,7 +28,8 @@ def render_ids(
 
 
 def common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
-    """How many leading items ``a`` and ``b`` share: where an answer's tokens start after its rendered prompt."""
+    """How many leading items ``a`` and ``b`` share: where an answer's tokens start after its rendered prompt, or how
+    many written message groups two transcript hash chains share (the point a session's memory rewinds to)."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:

@@ -1,4 +1,4 @@
-"""The memory recurrence as an operator (DESIGN.md §2): one signature, a recurrent and a chunked implementation."""
+"""The memory recurrence as an operator (docs/design.md §2): one signature, a recurrent and a chunked implementation."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def delta_rule_scan(
     if impl not in SCAN_IMPLS:
         raise ValueError(f"delta_rule_scan: impl must be one of {SCAN_IMPLS}, got {impl!r}")
     if _autocast_enabled(q.device.type):
-        # The recurrence runs in float32 whatever the surrounding autocast says (DESIGN.md §1, "Precision"): under
+        # The recurrence runs in float32 whatever the surrounding autocast says (docs/design.md §1, "Precision"): under
         # autocast its matmuls would run in half precision and hand back a half-precision memory.
         with torch.autocast(q.device.type, enabled=False):
             return delta_rule_scan(q, k, v, keep, erase, write, state, mask, impl=impl, chunk_size=chunk_size)

@@ -1,4 +1,4 @@
-"""Chunkwise-parallel row-gated delta rule (DESIGN.md §2): the training and prefill path.
+"""Chunkwise-parallel row-gated delta rule (docs/design.md §2): the training and prefill path.
 
 The recurrence, per value row ``i`` of the r×r state (rows are independent scalar-gated delta rules that share
 q and k), with ``s_t`` the row after token t (a row vector over the key dimension):
@@ -165,7 +165,7 @@ def _plain_segment(
 #
 # Within a chunk write P_t = exp(Γ_t) = Π_{m<t} keep_m and P'_j = exp(Γ_{j+1}) = Π_{m≤j} keep_m. Then
 # D_tj = P_t / P'_j, and with the strictly lower shared matrices T = tril₋₁(K Kᵀ), R = tril₋₁(Q Kᵀ) and, per row,
-# x = u / P' (elementwise), the system of DESIGN.md §2 multiplied out by diag(P') becomes
+# x = u / P' (elementwise), the system of docs/design.md §2 multiplied out by diag(P') becomes
 #
 #     (diag(P') + diag(erase ⊙ P) T) x = write ⊙ v − erase ⊙ P ⊙ (K s_0ᵀ)      (lower triangular, C×C, per row)
 #     read  = P ⊙ (Q s_0ᵀ + R x)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..chat.segments import NOT_WRITTEN, encode_conversation
+from ..chat.templates import common_prefix  # on two hash chains: how many written groups a conversation keeps
 from ..model import active_deltamem_adapter
 
 __all__ = [
@@ -121,16 +122,6 @@ def group_hashes(groups: Sequence[Sequence[Mapping[str, Any]]], previous: str = 
         previous = digest.hexdigest()
         out.append(previous)
     return out
-
-
-def common_prefix(written: Sequence[str], wanted: Sequence[str]) -> int:
-    """How many leading groups two hash chains share: the memory keeps them and rewinds to the snapshot after them."""
-    n = 0
-    for a, b in zip(written, wanted, strict=False):
-        if a != b:
-            break
-        n += 1
-    return n
 
 
 # ----------------------------------------------------------------------------------------------------------------

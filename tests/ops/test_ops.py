@@ -1,4 +1,4 @@
-"""The memory recurrence as an operator (DESIGN.md §1-§2).
+"""The memory recurrence as an operator (docs/design.md §1-§2).
 
 (a) the recurrent operator against a plain per-token loop written here from §1 (explicit diag matrices, float64);
 (b) the chunked operator against the recurrent one (reads, final state, gradients of every input incl. the state)
@@ -152,11 +152,11 @@ def _grad_names(leaves) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# (a) recurrent operator == the per-token loop of DESIGN.md §1
+# (a) recurrent operator == the per-token loop of docs/design.md §1
 
 
 def reference_scan(q, k, v, keep, erase, write, state=None, mask=None):
-    """DESIGN.md §1 token by token in float64, one sequence at a time, with explicit matrices:
+    """docs/design.md §1 token by token in float64, one sequence at a time, with explicit matrices:
     ``o_t = S q_t``;  ``S ← diag(keep_t) S − diag(erase_t) (S k_t) k_tᵀ + diag(write_t) v_t k_tᵀ``; masked: o_t = 0."""
     n, t_len, r = q.shape
     q, k, v = q.double(), k.double(), v.double()

@@ -300,6 +300,45 @@ def add_common_args(parser: argparse.ArgumentParser, default_out: str | os.PathL
     return parser
 
 
+def matmul_gflops(device: torch.device | str, sizes: Sequence[int] = (256, 512), seconds: float = 0.3) -> float:
+    """The best float32 matmul throughput (GFLOP/s) over square sizes, on the current thread setting: the
+    arithmetic side of a roofline limit."""
+    best = 0.0
+    for size in sizes:
+        a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+        a @ b  # warm-up
+        calls, start = 0, time.perf_counter()
+        while calls < 3 or time.perf_counter() - start < seconds:
+            a @ b
+            calls += 1
+        _sync(device)
+        best = max(best, 2.0 * size**3 * calls / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def memory_bandwidth_gbs(device: torch.device | str, megabytes: int = 256, seconds: float = 0.3) -> float:
+    """The best copy bandwidth (GB/s, bytes read + bytes written) of a buffer far larger than the caches, on the
+    current thread setting: the memory-traffic side of a roofline limit."""
+    source = torch.ones(megabytes * 2**20 // 4, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)  # warm-up: pages in both buffers
+    best = 0.0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds or best == 0.0:
+        began = time.perf_counter()
+        target.copy_(source)
+        _sync(device)
+        best = max(best, 2.0 * source.numel() * 4 / (time.perf_counter() - began) / 1e9)
+    return best
+
+
+def roofline_s(flops: float, bytes_moved: float, gflops: float, gbs: float) -> tuple[float, str]:
+    """The least time an operation of ``flops`` arithmetic and ``bytes_moved`` memory traffic can take at the
+    measured throughputs, and which side bounds it (``"compute"`` or ``"memory"``)."""
+    compute_s, memory_s = flops / (gflops * 1e9), bytes_moved / (gbs * 1e9)
+    return (compute_s, "compute") if compute_s >= memory_s else (memory_s, "memory")
+
+
 def load_average() -> list[float] | None:
     """The 1, 5 and 15 minute load averages, where the OS reports them."""
     try:

@@ -211,6 +211,17 @@ def generate(system: str, model: torch.nn.Module, prompt: torch.Tensor, new_toke
     return call
 
 
+def decode_roofline(model: torch.nn.Module, context_tokens: int, gflops: float, gbs: float) -> tuple[float, str]:
+    """The least time of one batch-1 decode step (seconds) and its bound: 2 FLOPs per parameter, every parameter
+    read once (float32; a tied embedding counts once: the LM head reads it whole) plus the KV cache of
+    ``context_tokens`` positions."""
+    config = model.config
+    params = sum(p.numel() for p in model.parameters())
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_floats = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * context_tokens
+    return _timing.roofline_s(2.0 * params, 4.0 * (params + kv_floats), gflops, gbs)
+
+
 def interleaved_decode(
     decoders: dict[str, Decoder], steps: int, rounds: int, warmup_steps: int
 ) -> dict[str, dict[str, Any]]:
@@ -261,6 +272,8 @@ METRICS = (  # (key, title)
     ("train_step_s", "training step (s)"),
     ("prefill_s", "prefill (s)"),
     ("decode_ms_per_token", "decode (ms/token)"),
+    ("decode_limit_ms_per_token", "decode roofline limit (ms/token)"),
+    ("decode_limit_pct", "decode % of limit"),
     ("generate_s", "generate() total (s)"),
     ("train_peak_mb", "training peak (MB)"),
     ("prefill_peak_mb", "prefill peak (MB)"),
@@ -303,6 +316,13 @@ COLUMNS = {
 }
 
 
+def _describe_roofline(roofline: dict[str, Any]) -> str:
+    if "decode" not in roofline:
+        return "decode not measured"
+    decode = roofline["decode"]
+    return f"{decode['matmul_gflops']:.0f} GFLOP/s, {decode['copy_gbs']:.1f} GB/s; bound: {decode['deltamem_bound']}"
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the markdown table, write the JSON; returns the JSON object."""
     parser = _timing.benchmark_parser(__doc__, "model_overhead")
@@ -337,6 +357,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     models = build_systems(base)
     results: dict[str, dict[str, Any]] = {name: {} for name in SYSTEMS}
     timings: dict[str, Any] = {}
+    roofline: dict[str, Any] = {}
     for name, model in models.items():
         results[name]["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -359,8 +380,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if "decode" in args.only:
         decoders = {n: Decoder(n, m, prompt) for n, m in models.items()}
         record("decode_ms_per_token", interleaved_decode(decoders, sizes["decode_steps"], decode_rounds, 4), 1e3)
+        gflops, gbs = _timing.matmul_gflops("cpu"), _timing.memory_bandwidth_gbs("cpu")
+        roofline["decode"] = {"matmul_gflops": gflops, "copy_gbs": gbs}
+        context = sizes["decode_prompt"] + sizes["decode_steps"] // 2  # the mean position of a timed step
         for name in SYSTEMS:
             results[name]["decode_mean_ms_per_token"] = timings["decode_ms_per_token"][name]["mean_s"] * 1e3
+            limit_s, bound = decode_roofline(models[name], context, gflops, gbs)
+            results[name]["decode_limit_ms_per_token"] = limit_s * 1e3
+            results[name]["decode_limit_pct"] = 100.0 * limit_s * 1e3 / results[name]["decode_ms_per_token"]
+            roofline["decode"][f"{name}_bound"] = bound
     if "generate" in args.only:
         gen_calls = {n: generate(n, m, prompt, sizes["decode_steps"]) for n, m in models.items()}
         record("generate_s", _timing.interleaved(gen_calls, generate_rounds, warmup=1 if args.smoke else 0))
@@ -392,6 +420,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"Decode: {sizes['decode_steps']} greedy steps after a {sizes['decode_prompt']}-token prefill, KV cache"
         " (δ-mem reads + writes its memory each step); median over all timed steps, systems interleaved step by step.",
         f"generate(): prompt {sizes['decode_prompt']} + {sizes['decode_steps']} new tokens end to end, greedy.",
+        "Decode roofline limit: the longer of 2 FLOPs per parameter at the best float32 matmul throughput and every"
+        " parameter (float32) plus the KV cache read once at the copy bandwidth, both measured in this run"
+        f" ({_describe_roofline(roofline)}); % of limit = limit / measured time.",
         f"Times: median over interleaved rounds (train {train_rounds}, prefill {rounds}, decode {decode_rounds}×"
         f"{sizes['decode_steps']} steps, generate {generate_rounds}), after warm-up; wall clock.",
         f"Peak MB: resident-set growth during one call ({memory_method})"
@@ -422,6 +453,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "systems": results,
         "timings": timings,
+        "roofline": roofline,
     }
     return _timing.save_result(args.out, result)
 

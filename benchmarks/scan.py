@@ -7,13 +7,17 @@ them alike), the forward (under ``torch.no_grad``, the prefill path) and the for
 random linear function of the reads and the final state w.r.t. q, k, v, the three gates and the initial state: the
 training path) of both implementations, and reports their median times, the speed-up (recurrent / chunked), the
 max abs difference between the two in reads, final state and every gradient, the chunked forward+backward's peak
-memory (in a fresh subprocess), and how far each time is from the machine's arithmetic limit:
+memory (in a fresh subprocess), and how far each time is from the machine's roofline limit:
 
 - FLOPs of the operator: the token loop's multiply-adds, 7·N·T·r² for the forward (per token and state row: the
   read s·q and s·k, 2r each, and the update keep·s + u·k, 3r), three times that for forward+backward (the adjoint
   recurrence does two such products per forward one);
-- limit = FLOPs / the single-core float32 matmul throughput measured in the same run (the best of square matmuls
-  of 256 and 512, before and after the grid), so "% of limit" = limit / measured time.
+- bytes of the operator: its least memory traffic in float32, every input read once and the reads and final state
+  written once for the forward, twice that with the backward (the gradients of the outputs read, one gradient per
+  input written);
+- limit = the longer of FLOPs / the single-core float32 matmul throughput and bytes / the copy bandwidth of a
+  buffer far larger than the caches, both measured in the same run (the best before and after the grid), so
+  "% of limit" = limit / measured time.
 
 Plus one extra shape for the ≥ 20× bar: T 8192, r 8, N 1 with a random mask (30 % of tokens masked) and an initial
 state. Inputs look like the layer's: q, k = l2norm(tanh(·)), β = sigmoid(· − 1.5) rank-wise, keep = 1 − β (standard
@@ -139,30 +143,32 @@ def scan_flops(n: int, t: int, r: int) -> dict[str, float]:
     return {"fwd": fwd, "fwdbwd": 3.0 * fwd}
 
 
-def matmul_gflops(device: torch.device, sizes: Sequence[int] = (256, 512), seconds: float = 0.3) -> float:
-    """The best float32 matmul throughput (GFLOP/s) over square sizes, on the current thread setting."""
-    best = 0.0
-    for size in sizes:
-        a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-        a @ b  # warm-up
-        calls, start = 0, time.perf_counter()
-        while calls < 3 or time.perf_counter() - start < seconds:
-            a @ b
-            calls += 1
-        _timing._sync(device)
-        best = max(best, 2.0 * size**3 * calls / (time.perf_counter() - start) / 1e9)
-    return best
+def scan_bytes(n: int, t: int, r: int, gate_width: int) -> dict[str, float]:
+    """The operator's least memory traffic in bytes (float32): the forward reads q, k, v, the three gates and the
+    initial state once and writes the reads and the final state; with the backward it also reads the gradients of
+    the reads and of the final state and writes a gradient for every input."""
+    inputs = n * t * (3 * r + 3 * gate_width) + n * r * r
+    outputs = n * t * r + n * r * r
+    return {"fwd": 4.0 * (inputs + outputs), "fwdbwd": 4.0 * 2 * (inputs + outputs)}
 
 
-def add_limits(row: dict[str, Any], gflops: float) -> None:
-    """The arithmetic limit of the row's shape at ``gflops``, and how close each measured time comes to it."""
+def add_limits(row: dict[str, Any], gflops: float, gbs: float) -> None:
+    """The roofline limit of the row's shape (its FLOPs at ``gflops``, its least traffic at ``gbs``, whichever takes
+    longer), and how close each measured time comes to it."""
     flops = scan_flops(row["N"], row["T"], row["r"])
+    traffic = scan_bytes(row["N"], row["T"], row["r"], gate_width=row["r"])  # rank-wise gates, as make_inputs
     for mode in ("fwd", "fwdbwd"):
-        limit_s = flops[mode] / (gflops * 1e9)
-        row[f"{mode}_flops"] = flops[mode]
+        limit_s, bound = _timing.roofline_s(flops[mode], traffic[mode], gflops, gbs)
+        row[f"{mode}_flops"], row[f"{mode}_bytes"], row[f"{mode}_bound"] = flops[mode], traffic[mode], bound
         row[f"{mode}_limit_ms"] = limit_s * 1e3
         for impl in IMPLS:
             row[f"{mode}_{impl}_limit_pct"] = 100.0 * limit_s / (row[f"{mode}_{impl}_ms"] / 1e3)
+
+
+def _bounds(rows: Sequence[dict[str, Any]]) -> str:
+    """How many of the grid's (shape, mode) limits memory traffic sets, in words (arithmetic sets the rest)."""
+    bounds = [row[f"{mode}_bound"] for row in rows for mode in ("fwd", "fwdbwd")]
+    return f"memory traffic sets {bounds.count('memory')} of the grid's {len(bounds)} limits, arithmetic the rest"
 
 
 def _shape_calls(
@@ -400,8 +406,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
 
     machine = _timing.start_report("scan benchmark", args.smoke, device)
-    gflops_start = matmul_gflops(device)
-    print(f"matmul throughput: {gflops_start:.1f} GFLOP/s", flush=True)  # the limit: see add_limits
+    gflops_start, gbs_start = _timing.matmul_gflops(device), _timing.memory_bandwidth_gbs(device)
+    print(f"matmul {gflops_start:.1f} GFLOP/s, copy {gbs_start:.1f} GB/s", flush=True)  # the limit: add_limits
     rows = []
     for t in grid["T"]:
         for r in grid["r"]:
@@ -427,10 +433,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         grid["chunk_sweep_T"], grid["chunk_sweep_shapes"], grid["chunk_sweep"], device=device, rounds=min(rounds, 3)
     )
     cross = crossover(grid["crossover_T"], grid["crossover_shapes"], device=device, rounds=max(rounds, 5) * 2)
-    gflops_end = matmul_gflops(device)
-    gflops = max(gflops_start, gflops_end)
-    for row in (*rows, masked):  # the limit: the best throughput measured in the run
-        add_limits(row, gflops)
+    gflops_end, gbs_end = _timing.matmul_gflops(device), _timing.memory_bandwidth_gbs(device)
+    gflops, gbs = max(gflops_start, gflops_end), max(gbs_start, gbs_end)
+    for row in (*rows, masked):  # the limit: the best throughputs measured in the run
+        add_limits(row, gflops, gbs)
     bars = summarize_bars(rows, masked)
 
     notes = [
@@ -439,8 +445,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "fwd = forward under torch.no_grad; fwd+bwd = forward + torch.autograd.grad w.r.t. q, k, v, keep, erase,"
         " write and the initial state.",
         "× = recurrent time / chunked time; C = the chunked form's chunk size for the shape (its default rule).",
-        f"% of limit = (7·N·T·r² FLOPs forward, ×3 for fwd+bwd) / {gflops:.0f} GFLOP/s (best single-core float32"
-        f" matmul of this run: {gflops_start:.0f} before the grid, {gflops_end:.0f} after) / measured time.",
+        "% of limit = roofline limit / measured time; limit = the longer of FLOPs / matmul throughput"
+        " (7·N·T·r² FLOPs forward, ×3 for fwd+bwd) and least traffic / copy bandwidth (float32: inputs read once,"
+        " reads and final state written; twice that with the backward's gradients)."
+        f" Best of this run: {gflops:.0f} GFLOP/s ({gflops_start:.0f} before the grid, {gflops_end:.0f} after),"
+        f" {gbs:.1f} GB/s ({gbs_start:.1f} before, {gbs_end:.1f} after); {_bounds(rows)}.",
         "Peak MB: resident-set growth during one chunked fwd+bwd after a warm-up call, in a fresh subprocess"
         " (glibc malloc returning freed memory at once): the inputs, allocated before, are not counted; the"
         " gradients it returns are.",
@@ -467,7 +476,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "grid": grid,
             "device": str(device),
             "matmul_gflops": {"start": gflops_start, "end": gflops_end, "used": gflops},
+            "copy_gbs": {"start": gbs_start, "end": gbs_end, "used": gbs},
             "flops": "7*N*T*r^2 forward, 3x that forward+backward",
+            "bytes": "float32 inputs + outputs once forward, twice forward+backward",
         },
         "notes": notes,
         "bars": bars,
@@ -479,7 +490,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.docs:
         docs_text = "\n".join(
             [
-                f"Measured on {_timing.describe_machine(machine)}; single-core float32 matmul {gflops:.0f} GFLOP/s.",
+                f"Measured on {_timing.describe_machine(machine)}; single-core float32 matmul {gflops:.0f} GFLOP/s,"
+                f" copy bandwidth {gbs:.1f} GB/s.",
                 "",
                 table,
                 "",

@@ -43,7 +43,12 @@ def test_model_overhead_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     for key, phase in bench.TARGET_OF.items():
         reference, limit = bench.TARGETS[phase]
         assert rows[key]["met"] == ("yes" if rows[key][f"deltamem_over_{reference}"] <= limit else "no")
+    decode_roofline = data["roofline"]["decode"]
     for system in bench.SYSTEMS:
+        # % of limit: the roofline limit of a decode step over its measured median time
+        limit, measured = data["systems"][system]["decode_limit_ms_per_token"], rows["decode_ms_per_token"][system]
+        assert 0 < limit and data["systems"][system]["decode_limit_pct"] == pytest.approx(100 * limit / measured)
+        assert decode_roofline[f"{system}_bound"] in {"compute", "memory"}
         timing = data["timings"]["decode_ms_per_token"][system]
         assert timing["repeats"] == bench.SMOKE["decode_steps"] == len(timing["times_s"])  # every step timed
         assert data["timings"]["train_step_s"][system]["repeats"] == 1
@@ -55,7 +60,23 @@ def test_model_overhead_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_model_overhead_only_some_measurements(tmp_path: Path) -> None:
     bench = load_benchmark("model_overhead")
     data = run_benchmark(bench, ["--smoke", "--out", str(tmp_path / "r.json"), "--only", "decode"])
-    assert [row["key"] for row in data["rows"]] == ["decode_ms_per_token", "trainable_params"]
+    assert [row["key"] for row in data["rows"]] == [
+        "decode_ms_per_token",
+        "decode_limit_ms_per_token",
+        "decode_limit_pct",
+        "trainable_params",
+    ]
+
+
+def test_decode_roofline_counts_parameters_and_kv_cache() -> None:
+    bench = load_benchmark("model_overhead")
+    model = bench.load_base(smoke=True)
+    params = sum(p.numel() for p in model.parameters())
+    config = model.config
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size // 4) * 10
+    # a huge matmul throughput: the memory side sets the limit; a huge bandwidth: the arithmetic side
+    assert bench.decode_roofline(model, 10, gflops=1e9, gbs=1.0) == pytest.approx((4 * (params + kv) / 1e9, "memory"))
+    assert bench.decode_roofline(model, 10, gflops=1.0, gbs=1e9) == pytest.approx((2 * params / 1e9, "compute"))
 
 
 def test_history_scaling_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

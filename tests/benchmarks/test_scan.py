@@ -26,16 +26,21 @@ def test_scan_smoke_writes_expected_json(tmp_path: Path, capsys: pytest.CaptureF
     expected = {(t, r, n) for t in grid["T"] for r in grid["r"] for n in grid["N"]}
     assert {(row["T"], row["r"], row["N"]) for row in data["rows"]} == expected
     assert len(data["rows"]) == len(expected)
-    gflops = data["settings"]["matmul_gflops"]
+    gflops, gbs = data["settings"]["matmul_gflops"], data["settings"]["copy_gbs"]
     assert gflops["used"] == max(gflops["start"], gflops["end"]) > 0
+    assert gbs["used"] == max(gbs["start"], gbs["end"]) > 0
     for row in [*data["rows"], data["masked"]]:
         assert row["chunk_size"] == scan.default_chunk_size(row["N"], row["T"], row["r"])
         for mode in ("fwd", "fwdbwd"):
             for impl in ("recurrent", "chunked"):
                 assert row[f"{mode}_{impl}_ms"] > 0 and len(row[f"{mode}_{impl}_times_s"]) == row["rounds"]
-                # % of the limit: the operator's FLOPs at the run's matmul throughput, over the measured time
-                limit_ms = scan.scan_flops(row["N"], row["T"], row["r"])[mode] / gflops["used"] / 1e6
+                # % of the limit: the longer of the FLOPs at the run's matmul throughput and the least traffic at
+                # its copy bandwidth, over the measured time
+                compute_ms = scan.scan_flops(row["N"], row["T"], row["r"])[mode] / gflops["used"] / 1e6
+                memory_ms = scan.scan_bytes(row["N"], row["T"], row["r"], row["r"])[mode] / gbs["used"] / 1e6
+                limit_ms = max(compute_ms, memory_ms)
                 assert row[f"{mode}_limit_ms"] == pytest.approx(limit_ms)
+                assert row[f"{mode}_bound"] == ("compute" if compute_ms >= memory_ms else "memory")
                 assert row[f"{mode}_{impl}_limit_pct"] == pytest.approx(100 * limit_ms / row[f"{mode}_{impl}_ms"])
             assert row[f"{mode}_speedup"] == pytest.approx(row[f"{mode}_recurrent_ms"] / row[f"{mode}_chunked_ms"])
         assert set(row["max_diff_grad_by_input"]) == {"q", "k", "v", "keep", "erase", "write", "state"}
@@ -122,3 +127,13 @@ def test_markdown_table_and_peak_memory() -> None:
 
     peak = timing.peak_memory(hold_256_mib)
     assert peak["peak_bytes"] >= 200 * 2**20, peak
+
+
+def test_roofline_picks_the_longer_side_and_scan_bytes_counts_every_tensor() -> None:
+    timing = load_benchmark("_timing")
+    scan = load_benchmark("scan")
+    assert timing.roofline_s(2e9, 1e9, gflops=1.0, gbs=1.0) == pytest.approx((2.0, "compute"))
+    assert timing.roofline_s(1e9, 3e9, gflops=1.0, gbs=1.0) == pytest.approx((3.0, "memory"))
+    # N 2, T 5, r 4, row gates: inputs 2·5·(12 + 3) + 2·16 = 182 floats, outputs 2·5·4 + 2·16 = 72 floats
+    assert scan.scan_bytes(2, 5, 4, gate_width=1) == {"fwd": 4.0 * 254, "fwdbwd": 8.0 * 254}
+    assert timing.memory_bandwidth_gbs("cpu", megabytes=8, seconds=0.01) > 0

@@ -94,6 +94,16 @@ format: $(STAMP)
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) $(OLDEST_VENV) $(LOCK_VENV) build dist *.egg-info
 
+# `make benchmarks` reruns every benchmark at full size, one torch thread, each writing benchmarks/results/<name>.json;
+# the scan grid also rewrites its tables in docs/benchmarks.md. Run it on an otherwise idle machine (about an hour on
+# 2 cores): the scripts report ratios measured in one run, and other jobs make even those noisy.
+.PHONY: benchmarks
+benchmarks: $(STAMP)
+	$(PY) benchmarks/scan.py --threads 1 --docs docs/benchmarks.md
+	$(PY) benchmarks/model_overhead.py --threads 1
+	$(PY) benchmarks/history_scaling.py --threads 1
+	$(PY) benchmarks/serving.py
+
 # `make docs` builds the documentation site (mkdocs.yml, docs/) into site/ with --strict: any warning fails.
 # tests/test_docs.py builds it too, so `make test` checks it.
 .PHONY: docs

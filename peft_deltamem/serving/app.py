@@ -30,7 +30,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, GenerationJob, SamplingParams
 from .metrics import Metrics
-from .schemas import APIError, ChatCompletionRequest, chunk_body, completion_body, error_body, usage
+from .openapi import chat_operation, chat_responses, errors, install_components, memory_put_operation
+from .schemas import (
+    APIError,
+    ChatCompletionRequest,
+    ModelList,
+    SessionDeleted,
+    SessionList,
+    SessionObject,
+    chunk_body,
+    completion_body,
+    error_body,
+    usage,
+)
 from .store import SessionStore, WrittenGroup, memory_from_bytes, memory_to_bytes
 from .window import common_prefix, group_hashes, plan_window
 
@@ -320,6 +332,7 @@ def create_app(engine: Engine, store: SessionStore, config: ServerConfig | None 
 
     app = FastAPI(title="deltamem serve", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.server = server
+    install_components(app)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError) -> JSONResponse:
@@ -362,26 +375,34 @@ def create_app(engine: Engine, store: SessionStore, config: ServerConfig | None 
         )
         return response
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra=chat_operation(server.config),
+        responses=chat_responses(),
+    )
     async def chat_completions(request: Request) -> Response:
         return await server.chat(request)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=None, responses={200: {"model": ModelList}, **errors(401)})
     async def models(request: Request) -> dict[str, Any]:
         server.authenticate(request)
         entry = {"id": engine.model_id, "object": "model", "created": 0, "owned_by": "peft-deltamem"}
         return {"object": "list", "data": [entry]}
 
-    @app.get("/v1/sessions")
+    @app.get("/v1/sessions", response_model=None, responses={200: {"model": SessionList}, **errors(401)})
     async def sessions(request: Request) -> dict[str, Any]:
         owner = server.authenticate(request)
         return {"object": "list", "data": [s.as_dict() for s in store.list(owner)]}
 
-    @app.get("/v1/sessions/{session_id}")
+    @app.get(
+        "/v1/sessions/{session_id}", response_model=None, responses={200: {"model": SessionObject}, **errors(401, 404)}
+    )
     async def get_session(session_id: str, request: Request) -> dict[str, Any]:
         return server.session_info(session_id, server.authenticate(request))
 
-    @app.delete("/v1/sessions/{session_id}")
+    @app.delete(
+        "/v1/sessions/{session_id}", response_model=None, responses={200: {"model": SessionDeleted}, **errors(401, 404)}
+    )
     async def delete_session(session_id: str, request: Request) -> dict[str, Any]:
         owner = server.authenticate(request)
         lock = server.locks.setdefault(session_id, asyncio.Lock())
@@ -390,7 +411,11 @@ def create_app(engine: Engine, store: SessionStore, config: ServerConfig | None 
                 raise APIError(404, f"No session {session_id!r}.", param="session_id", code="session_not_found")
         return {"id": session_id, "object": "session.deleted", "deleted": True}
 
-    @app.get("/v1/sessions/{session_id}/memory")
+    @app.get(
+        "/v1/sessions/{session_id}/memory",
+        response_class=Response,
+        responses={200: {"content": {"application/octet-stream": {}}}, **errors(401, 404)},
+    )
     async def get_memory(session_id: str, request: Request) -> Response:
         owner = server.authenticate(request)
         server.session_info(session_id, owner)
@@ -398,7 +423,12 @@ def create_app(engine: Engine, store: SessionStore, config: ServerConfig | None 
         data = snapshot if snapshot is not None else memory_to_bytes(engine.template)
         return Response(data, media_type="application/octet-stream")
 
-    @app.put("/v1/sessions/{session_id}/memory")
+    @app.put(
+        "/v1/sessions/{session_id}/memory",
+        response_model=None,
+        openapi_extra=memory_put_operation(),
+        responses={200: {"model": SessionObject}, **errors(400, 401, 404, 413)},
+    )
     async def put_memory(session_id: str, request: Request) -> dict[str, Any]:
         owner = server.authenticate(request)
         server.session_of(session_id, owner)
@@ -422,7 +452,7 @@ def create_app(engine: Engine, store: SessionStore, config: ServerConfig | None 
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     async def metrics() -> Response:
         return Response(server.metrics.render(), media_type=server.metrics.content_type)
 

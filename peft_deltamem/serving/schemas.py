@@ -11,11 +11,28 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "MAX_SESSION_ID",
     "APIError",
+    "AssistantMessage",
+    "ChatCompletion",
+    "ChatCompletionChoice",
+    "ChatCompletionChunk",
     "ChatCompletionRequest",
     "ChatMessage",
+    "ChunkChoice",
+    "ChunkDelta",
+    "ErrorDetail",
+    "ErrorResponse",
+    "ModelCard",
+    "ModelList",
+    "SessionDeleted",
+    "SessionList",
+    "SessionObject",
     "error_body",
 ]
+
+
+MAX_SESSION_ID = 128  # characters of a session id (body, header or path)
 
 
 class APIError(Exception):
@@ -71,7 +88,7 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int | None = Field(default=None, ge=1)
-    session_id: str | None = Field(default=None, min_length=1, max_length=128)
+    session_id: str | None = Field(default=None, min_length=1, max_length=MAX_SESSION_ID)
     user: str | None = None
 
 
@@ -142,3 +159,119 @@ def chunk_body(
 
 
 Role = Literal["system", "developer", "user", "assistant"]
+
+
+# ----- response bodies, as the OpenAPI schema describes them (the routes build the same shapes as dicts) -------------
+class ErrorDetail(BaseModel):
+    """What went wrong: a message for people, its ``type``, the request field at fault and a machine-readable code."""
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error body: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: ErrorDetail
+
+
+class AssistantMessage(BaseModel):
+    """The answer's message."""
+
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatCompletionChoice(BaseModel):
+    """The one choice of an answer (``n=1``)."""
+
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    """A ``chat.completion`` object (a non-streamed answer)."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+    session_id: str | None
+
+
+class ChunkDelta(BaseModel):
+    """What one streamed chunk adds to the answer (the first carries the role)."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    """The one choice of a streamed chunk."""
+
+    index: int
+    delta: ChunkDelta
+    logprobs: None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """A ``chat.completion.chunk`` object: the data of one server-sent event (``choices`` empty in the usage chunk)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None
+
+
+class ModelCard(BaseModel):
+    """The served model."""
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    """``GET /v1/models``."""
+
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class SessionObject(BaseModel):
+    """A session's public fields (:meth:`SessionInfo.as_dict`), with per-layer memory norms on ``GET`` of one."""
+
+    id: str
+    object: Literal["session"]
+    created: int
+    updated: int
+    write_groups: int
+    messages_in_memory: int
+    tokens_written: int
+    imported_memory: bool
+    memory_norms: dict[str, float] | None = None
+
+
+class SessionList(BaseModel):
+    """``GET /v1/sessions``: the caller's sessions."""
+
+    object: Literal["list"]
+    data: list[SessionObject]
+
+
+class SessionDeleted(BaseModel):
+    """``DELETE /v1/sessions/{id}``."""
+
+    id: str
+    object: Literal["session.deleted"]
+    deleted: Literal[True]

@@ -1,4 +1,5 @@
-"""A synthetic recall benchmark as a difficulty ladder (levels 1-5), deterministic per seed.
+"""A synthetic recall benchmark as a difficulty ladder (levels 1-5, and the working-style family 6-7), deterministic
+per seed.
 
 Each example is a short conversation in which the user states one or more personal facts, possibly chats
 about other things, and finally asks about a fact; the last assistant message is the short answer.
@@ -12,6 +13,9 @@ Level   What it tests
 4       one fact stated, then updated later (0-2 distractors around); the answer is the latest value
 5       open answers (a sister's name, a 3-digit locker code) with 0-2 distractors; train and test
         draw values from disjoint pools, so no test value ever appears in training data
+6       working style: a preference stated once (French, one word, capitals, ...), 3-4 small-talk
+        exchanges, an unrelated question; scored by whether the answer follows the preference
+7       working style with two preferences at once (see :mod:`~peft_deltamem.evaluation.style`)
 ======  ==========================================================================================
 
 Answers are assigned at random per conversation and balanced: each fact type draws its values from
@@ -29,9 +33,12 @@ Use :func:`history_messages` and :func:`question_messages` to split an example f
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from .smalltalk import ACKNOWLEDGEMENTS, DISTRACTORS, balanced, distractor_turns
+from .style import STYLE_KINDS, STYLE_LEVELS, make_style_examples
 
 Message = dict[str, str]
 Example = dict[str, Any]
@@ -124,33 +131,6 @@ FACT_TYPES: dict[str, FactType] = {
 CLOSED_FACT_TYPES: tuple[str, ...] = ("colour", "weekday", "digit")
 OPEN_FACT_TYPES: tuple[str, ...] = ("name", "code")
 
-ACKNOWLEDGEMENTS: tuple[str, ...] = (
-    "Got it, I will remember that.",
-    "Noted!",
-    "Thanks, I have made a note of it.",
-    "Okay, I will keep that in mind.",
-)
-
-# Small talk with no colour, weekday, digit, number or person name in it (a test checks this).
-DISTRACTORS: tuple[tuple[str, str], ...] = (
-    ("Can you suggest a quick breakfast?", "Oatmeal with fruit is quick and filling."),
-    ("How do I keep basil fresh?", "Keep it in a glass of water on the counter, like cut flowers."),
-    ("Any tips for falling asleep faster?", "Keep a regular bedtime and avoid screens late in the evening."),
-    ("What is a good way to learn new words?", "Read widely and review new words with flashcards."),
-    ("How often should I water a cactus?", "Only when the soil is completely dry, which is not often."),
-    ("Is walking good exercise?", "Yes, brisk walking is gentle on the joints and good for the heart."),
-    ("How can I make my coffee less bitter?", "Use slightly coarser grounds or water that is not boiling."),
-    ("What should I pack for a rainy hike?", "A waterproof jacket, spare socks and a warm layer."),
-    ("Do you have a tip for remembering names?", "Repeat the name back when you are introduced."),
-    ("How do I clean a cast iron pan?", "Rinse it with hot water, dry it well and rub in a little oil."),
-    ("Why do onions make me cry?", "Cutting them releases a gas that irritates the eyes."),
-    ("How can I be more productive at work?", "Plan your tasks the evening before and tackle the hardest first."),
-    ("What is a nice hobby to start?", "Sketching is cheap, relaxing and easy to pick up."),
-    ("Should I stretch before running?", "A short dynamic warm-up works better than long static stretches."),
-    ("How do I stop my glasses from fogging?", "A drop of dish soap rubbed on the lenses helps."),
-    ("Any idea for a quick dinner?", "A vegetable stir-fry with rice takes very little time."),
-)
-
 # L5 value pools: a fixed split, independent of the user's seed, so train and test never share a value.
 _NAMES: tuple[str, ...] = (
     "Abigail", "Adrian", "Agnes", "Alba", "Amara", "Anders", "Anika", "Arlo", "Astrid", "Aurora",
@@ -173,7 +153,41 @@ LEVELS: dict[int, str] = {
     3: "three closed-set facts of different types, 0-2 distractor exchanges",
     4: "a closed-set fact stated then updated (answer = latest value), 0-2 distractors",
     5: "one open fact (name or 3-digit code), 0-2 distractors; disjoint train/test value pools",
+    **STYLE_LEVELS,
 }
+
+
+def accepted_fact_types(level: int) -> tuple[str, ...]:
+    """What ``make_ladder``'s ``fact_types`` may hold at ``level``: closed types (1-4), open types (5) or the
+    working-style preference kinds (6-7)."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {sorted(LEVELS)}, got {level!r}")
+    if level in STYLE_LEVELS:
+        return STYLE_KINDS
+    return OPEN_FACT_TYPES if level == 5 else CLOSED_FACT_TYPES
+
+
+def level_fact_types(level: int, fact_types: Sequence[str] | None) -> tuple[str, ...] | None:
+    """The part of ``fact_types`` that ``level`` accepts, or None (the level's default) when no part of it does.
+
+    One ``--fact-types`` list can then serve several levels: ``colour,capitals`` restricts levels 1-4 to colours and
+    levels 6-7 to capitals, and leaves level 5 at its open types. Use :func:`check_fact_types` first, so that a type
+    no requested level accepts is an error rather than silently dropped.
+    """
+    if not fact_types:
+        return None
+    kept = tuple(t for t in fact_types if t in accepted_fact_types(level))
+    return kept or None
+
+
+def check_fact_types(levels: Sequence[int], fact_types: Sequence[str] | None) -> None:
+    """Raise ValueError naming the fact types that none of ``levels`` accepts."""
+    accepted = {t for level in levels for t in accepted_fact_types(level)}
+    unknown = [t for t in fact_types or () if t not in accepted]
+    if unknown:
+        raise ValueError(
+            f"fact types {unknown} are not used by level(s) {list(levels)}; they accept {sorted(accepted)}"
+        )
 
 
 def _l5_pools() -> dict[str, dict[str, tuple[str, ...]]]:
@@ -203,21 +217,8 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
 
 
-def _balanced(rng: random.Random, items: Sequence[str]) -> Iterator[str]:
-    """Endless stream of random permutations of ``items``: any prefix is balanced to within one."""
-    while True:
-        block = list(items)
-        rng.shuffle(block)
-        yield from block
-
-
 def _fact_turns(rng: random.Random, text: str) -> list[Message]:
     return [{"role": "user", "content": text}, {"role": "assistant", "content": rng.choice(ACKNOWLEDGEMENTS)}]
-
-
-def _distractor_turns(rng: random.Random, count: int) -> list[list[Message]]:
-    pairs = rng.sample(DISTRACTORS, count)
-    return [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in pairs]
 
 
 def _state(rng: random.Random, fact_type: str, value: str) -> str:
@@ -230,7 +231,7 @@ def _build_history(rng: random.Random, level: int, fact_type: str, answer: str, 
         return _fact_turns(rng, _state(rng, fact_type, answer))
     if level in (2, 5):
         blocks = [_fact_turns(rng, _state(rng, fact_type, answer))]
-        blocks += _distractor_turns(rng, rng.randint(1, 3) if level == 2 else rng.randint(0, 2))
+        blocks += distractor_turns(rng, rng.randint(1, 3) if level == 2 else rng.randint(0, 2))
         return [m for block in blocks for m in block]
     if level == 3:
         facts = {t: rng.choice(value_pool(t, split)) for t in CLOSED_FACT_TYPES if t != fact_type}
@@ -238,13 +239,13 @@ def _build_history(rng: random.Random, level: int, fact_type: str, answer: str, 
         order = list(facts)
         rng.shuffle(order)
         blocks = [_fact_turns(rng, _state(rng, t, facts[t])) for t in order]
-        for distractor in _distractor_turns(rng, rng.randint(0, 2)):
+        for distractor in distractor_turns(rng, rng.randint(0, 2)):
             blocks.insert(rng.randint(1, len(blocks)), distractor)  # never before the first fact
         return [m for block in blocks for m in block]
     if level == 4:
         old = rng.choice([v for v in value_pool(fact_type, split) if v != answer])
         update = rng.choice(FACT_TYPES[fact_type].updates).format(v=answer)
-        distractors = _distractor_turns(rng, rng.randint(0, 2))
+        distractors = distractor_turns(rng, rng.randint(0, 2))
         cut = rng.randint(0, len(distractors))
         blocks = [_fact_turns(rng, _state(rng, fact_type, old)), *distractors[:cut], _fact_turns(rng, update)]
         blocks += distractors[cut:]
@@ -261,7 +262,7 @@ def make_ladder(
     fact_types: Sequence[str] | None = None,
     system: str | None = None,
 ) -> list[Example]:
-    """Generate ``n`` examples of ladder ``level`` (1-5); deterministic in ``(level, n, seed, split, fact_types)``.
+    """Generate ``n`` examples of ladder ``level`` (1-7); deterministic in ``(level, n, seed, split, fact_types)``.
 
     Args:
         level: difficulty, see :data:`LEVELS`.
@@ -270,7 +271,8 @@ def make_ladder(
         split: ``"train"`` or ``"test"``; at level 5 it also selects the disjoint value pool.
         fact_types: the asked-about fact types, balanced over the examples. Default: all closed types
             (colour, weekday, digit) for levels 1-4, the open types (name, code) for level 5. Pass e.g.
-            ``("colour",)`` for the classic single-type level 1.
+            ``("colour",)`` for the classic single-type level 1. At levels 6-7 (the working-style family,
+            :mod:`~peft_deltamem.evaluation.style`) these are preference kinds, e.g. ``("capitals",)``.
         system: an optional system message put first in every conversation.
 
     Returns:
@@ -282,14 +284,16 @@ def make_ladder(
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     _check_split(split)
+    if level in STYLE_LEVELS:
+        return make_style_examples(level, n, seed=seed, split=split, kinds=fact_types, system=system)
     allowed = OPEN_FACT_TYPES if level == 5 else CLOSED_FACT_TYPES
     types = tuple(fact_types) if fact_types is not None else allowed
     if not types or any(t not in allowed for t in types):
         raise ValueError(f"level {level} accepts fact types from {allowed}, got {fact_types!r}")
 
     rng = random.Random(f"ladder/L{level}/{split}/{seed}/{','.join(types)}")
-    type_stream = _balanced(rng, types)
-    answer_streams = {t: _balanced(rng, value_pool(t, split)) for t in types}
+    type_stream = balanced(rng, types)
+    answer_streams = {t: balanced(rng, value_pool(t, split)) for t in types}
     examples: list[Example] = []
     for i in range(n):
         fact_type = next(type_stream)
@@ -337,8 +341,11 @@ __all__ = [
     "LEVELS",
     "OPEN_FACT_TYPES",
     "FactType",
+    "accepted_fact_types",
     "answer_message",
+    "check_fact_types",
     "history_messages",
+    "level_fact_types",
     "make_ladder",
     "question_messages",
     "value_pool",

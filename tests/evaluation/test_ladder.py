@@ -133,7 +133,7 @@ def test_distractors_and_acknowledgements_carry_no_answer_values():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="level"):
-        make_ladder(6, 1, seed=0)
+        make_ladder(8, 1, seed=0)
     with pytest.raises(ValueError, match="split"):
         make_ladder(1, 1, seed=0, split="dev")
     assert make_ladder(1, 0, seed=0) == []

@@ -32,6 +32,7 @@ from .engine import Engine, GenerationJob, SamplingParams
 from .metrics import Metrics
 from .openapi import chat_operation, chat_responses, errors, install_components, memory_put_operation
 from .schemas import (
+    MAX_SESSION_ID,
     APIError,
     ChatCompletionRequest,
     ModelList,
@@ -201,6 +202,13 @@ class _Server:
             raise APIError(400, f"Invalid request: {param}: {first.get('msg')}", param=param) from err
         messages, params = self.messages(req), self.params(req)
         session_id = req.session_id or request.headers.get("x-session-id") or None
+        if session_id is not None and len(session_id) > MAX_SESSION_ID:  # the header, as the body's field is checked
+            raise APIError(
+                400,
+                f"The session id is over {MAX_SESSION_ID} characters.",
+                param="X-Session-Id",
+                code="invalid_session_id",
+            )
         if session_id is not None:
             self.session_of(session_id, owner)
         plan = plan_window(messages, self.config.keep_last)

@@ -109,6 +109,14 @@ def test_bad_requests_get_an_openai_error_and_store_nothing(server, body, status
     assert "bad" not in sessions(server)
 
 
+def test_a_session_id_header_over_the_limit_is_refused(server) -> None:
+    # found by the schema fuzzer: the body's session_id was bounded, the header's was not
+    too_long = {"X-Session-Id": "s" * 129}
+    assert_error(post(server, {"messages": HELLO, "max_tokens": 2}, headers=too_long), 400, "invalid_session_id")
+    assert "s" * 129 not in sessions(server)
+    assert post(server, {"messages": HELLO, "max_tokens": 2}, headers={"X-Session-Id": "s" * 128}).status_code == 200
+
+
 def test_unknown_fields_are_ignored_and_text_parts_are_joined(server) -> None:
     body = {
         "messages": [{"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]}]

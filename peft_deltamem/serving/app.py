@@ -66,6 +66,9 @@ class ServerConfig:
     max_open_streams: int = 64
 
 
+_GREEDY_BELOW = 1e-5  # a temperature under this decodes greedily
+
+
 def _owner(key: str | None) -> str:
     return "" if key is None else hashlib.sha256(key.encode()).hexdigest()[:32]
 
@@ -156,6 +159,8 @@ class _Server:
         if len(stop) > 4:
             raise APIError(400, "At most 4 stop sequences.", param="stop")
         temperature = 1.0 if req.temperature is None else req.temperature
+        if temperature < _GREEDY_BELOW:  # logits / 1e-320 overflow to inf (a 500); so small a temperature is greedy
+            temperature = 0.0
         return SamplingParams(max_tokens, temperature, 1.0 if req.top_p is None else req.top_p, stop, req.seed)
 
     def session_of(self, session_id: str, owner: str) -> None:

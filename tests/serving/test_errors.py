@@ -117,6 +117,17 @@ def test_a_session_id_header_over_the_limit_is_refused(server) -> None:
     assert post(server, {"messages": HELLO, "max_tokens": 2}, headers={"X-Session-Id": "s" * 128}).status_code == 200
 
 
+def test_a_vanishing_temperature_decodes_greedily(server) -> None:
+    # found by the schema fuzzer: temperature 1e-320 divided the logits into inf and sampling raised (a 500)
+    base = {"messages": HELLO, "max_tokens": 4, "session_id": "temp"}
+    greedy = post(server, {**base, "temperature": 0})
+    assert greedy.status_code == 200, greedy.text
+    for temperature in (1e-320, 1e-9):
+        response = post(server, {**base, "temperature": temperature})
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"] == greedy.json()["choices"]
+
+
 def test_unknown_fields_are_ignored_and_text_parts_are_joined(server) -> None:
     body = {
         "messages": [{"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]}]

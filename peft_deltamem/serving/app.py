@@ -206,8 +206,9 @@ class _Server:
             param = ".".join(str(p) for p in first.get("loc", ())) or None
             raise APIError(400, f"Invalid request: {param}: {first.get('msg')}", param=param) from err
         messages, params = self.messages(req), self.params(req)
-        session_id = req.session_id or request.headers.get("x-session-id") or None
-        if session_id is not None and len(session_id) > MAX_SESSION_ID:  # the header, as the body's field is checked
+        header = request.headers.get("x-session-id") or None
+        session_id = req.session_id or header  # the body's field wins; a bad header is refused all the same
+        if header is not None and len(header) > MAX_SESSION_ID:  # as the body's field is checked
             raise APIError(
                 400,
                 f"The session id is over {MAX_SESSION_ID} characters.",

@@ -114,6 +114,9 @@ def test_a_session_id_header_over_the_limit_is_refused(server) -> None:
     too_long = {"X-Session-Id": "s" * 129}
     assert_error(post(server, {"messages": HELLO, "max_tokens": 2}, headers=too_long), 400, "invalid_session_id")
     assert "s" * 129 not in sessions(server)
+    with_body = {"messages": HELLO, "max_tokens": 2, "session_id": "body-wins"}
+    assert_error(post(server, with_body, headers=too_long), 400, "invalid_session_id")  # refused even so
+    assert "body-wins" not in sessions(server)
     assert post(server, {"messages": HELLO, "max_tokens": 2}, headers={"X-Session-Id": "s" * 128}).status_code == 200
 
 

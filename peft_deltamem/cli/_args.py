@@ -26,12 +26,16 @@ class ArgumentParser(argparse.ArgumentParser):
         return dashed + sep + value if dashed in self._option_string_actions else arg
 
 
+LADDER_LEVELS = range(1, 8)
+"""The ladder's levels: recall 1-5 and the working-style family 6-7 (docs/evaluation.md)."""
+
+
 def parse_levels(text: str) -> list[int]:
     """Ladder levels from ``"1,2,3"`` (an ``argparse`` type: a bad value is a usage error)."""
     try:
         levels = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"levels must be comma-separated integers 1-5, got {text!r}") from None
-    if not levels or any(level not in range(1, 6) for level in levels):
-        raise argparse.ArgumentTypeError(f"levels must be in 1-5, got {text!r}")
+        raise argparse.ArgumentTypeError(f"levels must be comma-separated integers 1-7, got {text!r}") from None
+    if not levels or any(level not in LADDER_LEVELS for level in levels):
+        raise argparse.ArgumentTypeError(f"levels must be in 1-7, got {text!r}")
     return levels

@@ -2,6 +2,7 @@
 
     deltamem eval recall --level 1 --adapter outputs/adapter [--n 200] [--output results/]
     deltamem eval recall --levels 1,2,3 --adapter outputs/adapter --fact-types colour
+    deltamem eval recall --levels 6,7 --adapter outputs/adapter      # the working-style family
     deltamem eval locomo --data locomo10.json --adapter outputs/adapter [--max-questions 200]
 
 Side by side: the base model without history, with the full history in its prompt (as far as it fits), with the
@@ -30,10 +31,12 @@ import peft_deltamem  # noqa: F401  (registers the DELTAMEM PEFT type)
 
 from .._io import write_text_atomic
 from ..evaluation import BASE_SYSTEMS, SYSTEMS, EvalSettings, evaluate_locomo, evaluate_recall
+from ..evaluation.ladder import check_fact_types, level_fact_types
 from ..evaluation.locomo import LocomoFormatError, load_locomo
 from ..evaluation.report import group_table, levels_table, markdown_table, plot_results, strip_records, write_json
+from ..evaluation.style import STYLE_LEVELS
 from ..interop.base_models import load_base_model
-from ._args import ArgumentParser, parse_levels
+from ._args import LADDER_LEVELS, ArgumentParser, parse_levels
 
 TRAINING_INFO_FILE = "deltamem_training.json"
 
@@ -64,13 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deltamem eval", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="benchmark", required=True)
-    recall = sub.add_parser("recall", help="the recall ladder (levels 1-5)")
+    recall = sub.add_parser("recall", help="the recall ladder (levels 1-5) and the working-style family (6-7)")
     group = recall.add_mutually_exclusive_group(required=True)
-    group.add_argument("--level", type=int, choices=range(1, 6), help="one ladder level")
+    group.add_argument("--level", type=int, choices=LADDER_LEVELS, help="one ladder level")
     group.add_argument("--levels", type=parse_levels, help="several levels, e.g. 1,2,3")
     recall.add_argument("--n", type=int, default=200, help="conversations per level (default 200)")
     recall.add_argument("--split", default="test", choices=("train", "test"))
-    recall.add_argument("--fact-types", help="comma-separated fact types, e.g. colour (levels 1-4)")
+    recall.add_argument(
+        "--fact-types",
+        help="comma-separated fact types (levels 1-4, e.g. colour) or preference kinds (levels 6-7, e.g. capitals); "
+        "each level uses the ones it accepts",
+    )
     _common(recall, max_new_tokens=8, bm25_k=2)
     locomo = sub.add_parser("locomo", help="LoCoMo-format conversations (token F1 per category 1-4)")
     locomo.add_argument("--data", required=True, help="path of locomo10.json (not shipped: CC BY-NC)")
@@ -126,9 +133,10 @@ def save_report(results: dict[str, dict], output: str | Path, title: str) -> str
     parts = []
     for label, result in results.items():
         parts += [f"### {label}", "", markdown_table(result), ""]
-        groups = group_table(result)
-        if groups:
-            parts += [groups, ""]
+        for key in ("by_group", "by_preference"):
+            table = group_table(result, key)
+            if table:
+                parts += [table, ""]
     if len(results) > 1:
         parts += ["### all", "", levels_table(results), ""]
     markdown = "\n".join(parts)
@@ -142,6 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         settings = settings_from_args(args)
+        if args.benchmark == "recall":
+            fact_types = tuple(args.fact_types.split(",")) if args.fact_types else None
+            check_fact_types(args.levels or [args.level], fact_types)
+            if args.no_generate and set(args.levels or [args.level]) & set(STYLE_LEVELS):
+                raise ValueError("the working-style levels (6-7) score generated answers: drop --no-generate")
     except ValueError as err:
         print(f"deltamem eval: error: {err}", file=sys.stderr)
         return 2
@@ -153,7 +166,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     model, tokenizer = load_models(args.base, args.adapter)
     if args.benchmark == "recall":
-        fact_types = tuple(args.fact_types.split(",")) if args.fact_types else None
         results = {}
         for level in args.levels or [args.level]:
             results[f"L{level}"] = evaluate_recall(
@@ -163,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.n,
                 seed=args.seed,
                 split=args.split,
-                fact_types=fact_types if level != 5 else None,
+                fact_types=level_fact_types(level, fact_types),
                 settings=settings,
             )
         title = "Recall ladder, memory-only protocol"

@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -54,6 +54,8 @@ from .metrics import contains_match, exact_match, locomo_f1
 from .model_scoring import answer_token_ids, greedy_generate, score_continuations
 from .prompts import context_budget, prompt_messages
 from .settings import BASE_SYSTEMS, MEMORY_SYSTEMS, EvalSettings
+from .style import STYLE_LEVELS, STYLE_MIN_NEW_TOKENS
+from .style_scoring import style_scores
 from .summaries import diagnostics, primary_metric, summarize_records
 from .tasks import MemoryTask, Question, locomo_task, recall_task
 
@@ -62,12 +64,15 @@ if TYPE_CHECKING:
 
 
 def score_answer(task: MemoryTask, question: Question, prediction: str) -> dict[str, Any]:
+    """The scores of one generated answer: exact and contains match, plus LoCoMo's F1 or the style scores."""
     scores = {
         "exact_match": float(exact_match(prediction, question.answer)),
         "contains_match": float(contains_match(prediction, question.answer)),
     }
     if task.scoring == "locomo":
         scores["f1"] = float(locomo_f1(prediction, question.answer, int(question.category)))
+    if task.scoring == "style":
+        scores.update(style_scores(prediction, question.preferences or []))
     return scores
 
 
@@ -212,7 +217,16 @@ def evaluate_recall(
     fact_types: Sequence[str] | None = None,
     settings: EvalSettings | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the recall ladder's ``level`` (``n`` conversations of ``split``) with the memory-only protocol."""
+    """Evaluate the recall ladder's ``level`` (``n`` conversations of ``split``) with the memory-only protocol.
+
+    The working-style levels (6-7) are scored on greedy answers of at least :data:`STYLE_MIN_NEW_TOKENS` new tokens
+    (``settings.max_new_tokens`` is raised to that if lower: a word limit cannot be judged on a cut answer).
+    """
+    settings = settings or EvalSettings()
+    if level in STYLE_LEVELS:
+        if not settings.generate:
+            raise ValueError(f"level {level} (working style) scores generated answers: set EvalSettings.generate=True")
+        settings = replace(settings, max_new_tokens=max(settings.max_new_tokens, STYLE_MIN_NEW_TOKENS))
     examples = make_ladder(level, n, seed=seed, split=split, fact_types=fact_types)
     result = evaluate_task(model, tokenizer, recall_task(examples, name=f"recall-L{level}"), settings)
     result.update(

@@ -85,15 +85,18 @@ def markdown_table(result: Result) -> str:
     return "\n".join(lines)
 
 
-def group_table(result: Result) -> str:
-    """Per-group accuracy (LoCoMo categories, ladder fact types) as a markdown table; empty if there are no groups."""
-    groups = sorted({g for s in result["systems"].values() for g in s.get("by_group", {})})
+def group_table(result: Result, key: str = "by_group") -> str:
+    """Per-group accuracy (LoCoMo categories, ladder fact types) as a markdown table; empty if there are no groups.
+
+    ``key="by_preference"`` tabulates the working-style levels' per-preference following instead.
+    """
+    groups = sorted({g for s in result["systems"].values() for g in s.get(key, {})})
     if not groups:
         return ""
     header = ["system", *groups]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in _systems(result):
-        by_group = result["systems"][name].get("by_group", {})
+        by_group = result["systems"][name].get(key, {})
         cells = [f"`{name}`"] + [
             _fmt(by_group[g]["accuracy"], by_group[g]["accuracy_ci"]) if g in by_group else "–" for g in groups
         ]

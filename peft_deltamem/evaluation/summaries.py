@@ -13,9 +13,12 @@ from .tasks import MemoryTask, Question
 
 
 def primary_metric(task: MemoryTask, settings: EvalSettings) -> str:
-    """What ``accuracy`` means for a task: LoCoMo F1, forced choice for closed sets, else exact match."""
+    """What ``accuracy`` means for a task: LoCoMo F1, the share of answers that follow every preference (working
+    style), forced choice for closed sets, else exact match."""
     if task.scoring == "locomo":
         return "f1"
+    if task.scoring == "style":
+        return "followed"
     if settings.forced_choice and task.questions and all(q.choices for q in task.questions):
         return "forced_choice"
     return "exact_match"
@@ -28,9 +31,10 @@ def interval(values: Sequence[float], settings: EvalSettings) -> tuple[float, li
 
 def summarize_records(records: Sequence[Mapping[str, Any]], metric: str, settings: EvalSettings) -> dict[str, Any]:
     """Per-system summary: ``accuracy`` (the primary metric) with ``accuracy_ci``, every metric with its ``_ci``,
-    the mean gold log-probability, and per-group accuracy."""
+    the mean gold log-probability, per-group accuracy and, for working-style tasks, ``by_preference``: how often each
+    kind of preference was followed."""
     summary: dict[str, Any] = {"n": len(records), "metric": metric}
-    for name in ("accuracy", "exact_match", "contains_match", "forced_choice", "f1"):
+    for name in ("accuracy", "exact_match", "contains_match", "forced_choice", "f1", "followed"):
         key = metric if name == "accuracy" else name
         values = [r[key] for r in records if r.get(key) is not None]
         if values:
@@ -47,6 +51,16 @@ def summarize_records(records: Sequence[Mapping[str, Any]], metric: str, setting
         for g, values in sorted(groups.items()):
             mean, ci = interval(values, settings)
             summary["by_group"][g] = {"n": len(values), "accuracy": mean, "accuracy_ci": ci}
+    kinds: dict[str, list[float]] = {}
+    for r in records:
+        for key, value in r.items():
+            if key.startswith("followed_"):
+                kinds.setdefault(key.removeprefix("followed_"), []).append(value)
+    if kinds:
+        summary["by_preference"] = {}
+        for kind, values in sorted(kinds.items()):
+            mean, ci = interval(values, settings)
+            summary["by_preference"][kind] = {"n": len(values), "accuracy": mean, "accuracy_ci": ci}
     return summary
 
 

@@ -11,6 +11,8 @@ from .locomo import CATEGORY_NAMES
 
 Message = dict[str, str]
 
+SCORINGS = ("exact", "locomo", "style")
+
 
 @dataclass
 class Conversation:
@@ -36,11 +38,14 @@ class Question:
     choices: list[str] | None = None
     group: str = "all"
     category: int | None = None
+    preferences: list[dict[str, Any]] | None = None
 
 
 @dataclass
 class MemoryTask:
-    """Conversations and questions, plus how answers are scored (``"exact"`` or ``"locomo"``)."""
+    """Conversations and questions, plus how answers are scored: ``"exact"`` (against the reference answer),
+    ``"locomo"`` (LoCoMo's token F1) or ``"style"`` (whether the answer follows each question's ``preferences``,
+    :mod:`~peft_deltamem.evaluation.style_scoring`)."""
 
     name: str
     conversations: list[Conversation]
@@ -48,8 +53,10 @@ class MemoryTask:
     scoring: str = "exact"
 
     def __post_init__(self) -> None:
-        if self.scoring not in ("exact", "locomo"):
-            raise ValueError(f"scoring must be 'exact' or 'locomo', got {self.scoring!r}")
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {list(SCORINGS)}, got {self.scoring!r}")
+        if self.scoring == "style" and any(not q.preferences for q in self.questions):
+            raise ValueError("a style task needs the preferences of every question")
         for q in self.questions:
             if not 0 <= q.conversation < len(self.conversations):
                 raise ValueError(f"question {q.id} refers to conversation {q.conversation}, which does not exist")
@@ -57,7 +64,11 @@ class MemoryTask:
 
 def recall_task(examples: Sequence[Mapping[str, Any]], name: str = "recall") -> MemoryTask:
     """A task from recall-ladder records (:func:`~peft_deltamem.evaluation.ladder.make_ladder`): one conversation
-    (one session) and one question per record."""
+    (one session) and one question per record. Working-style records (levels 6-7, with ``preferences``) make a
+    ``"style"`` task; the levels cannot be mixed with the others in one task."""
+    styled = {bool(ex.get("preferences")) for ex in examples}
+    if len(styled) > 1:
+        raise ValueError("recall_task: working-style records (levels 6-7) cannot share a task with levels 1-5")
     conversations, questions = [], []
     for i, ex in enumerate(examples):
         first = ex["messages"][0]
@@ -71,9 +82,11 @@ def recall_task(examples: Sequence[Mapping[str, Any]], name: str = "recall") -> 
                 answer=str(ex["answer"]),
                 choices=list(ex["choices"]) if ex.get("choices") else None,
                 group=str(ex.get("fact_type", "all")),
+                preferences=[dict(p) for p in ex["preferences"]] if ex.get("preferences") else None,
             )
         )
-    return MemoryTask(name=name, conversations=conversations, questions=questions, scoring="exact")
+    scoring = "style" if styled == {True} else "exact"
+    return MemoryTask(name=name, conversations=conversations, questions=questions, scoring=scoring)
 
 
 def locomo_task(samples: Sequence[Any], name: str = "locomo", *, roles: str = "alternate") -> MemoryTask:

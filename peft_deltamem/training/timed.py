@@ -23,6 +23,7 @@ from peft import PeftModel
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..evaluation import EvalSettings, evaluate_task, recall_task
+from ..evaluation.ladder import level_fact_types as ladder_level_fact_types
 from ..evaluation.ladder import make_ladder
 from .recipe import RECIPES_DIR, parse_recipe, recipe_file
 from .trainer import DeltaMemSFTTrainer
@@ -111,15 +112,18 @@ class ProbeCallback(TrainerCallback):
             "step": self.start_step + step,
             "minutes": round(self.start_minutes + trained / 60.0, 3),
             "loss": self._last_loss,
-            "own": systems["deltamem"]["accuracy"],
-            "other": systems["deltamem_other_memory"]["accuracy"],
+            # None where the probe set has no answer set to score without generating (the working-style levels):
+            # the gold log-prob gap is the curve there.
+            "own": systems["deltamem"].get("accuracy"),
+            "other": systems["deltamem_other_memory"].get("accuracy"),
             "gap": result["diagnostics"]["own_minus_other_gold_logprob"]["mean"],
         }
         self.curve.append(point)
         loss = "   –  " if point["loss"] is None else f"{point['loss']:6.3f}"
+        own, other = (f"{point[k]:.2f}" if point[k] is not None else "  – " for k in ("own", "other"))
         print(
-            f"[probe] step {point['step']:4d}  {point['minutes']:5.2f} min  loss {loss}  own memory {point['own']:.2f}  "
-            f"other memory {point['other']:.2f}  gold log-prob gap {point['gap']:+.2f}",
+            f"[probe] step {point['step']:4d}  {point['minutes']:5.2f} min  loss {loss}  own memory {own}  "
+            f"other memory {other}  gold log-prob gap {point['gap']:+.2f}",
             flush=True,
         )
         if self.budget.start is not None:  # a probe before training starts costs no training time anyway
@@ -154,8 +158,9 @@ DEFAULT_RECIPE = RECIPES_DIR / "smollm2-135m" / "tsw-cpu.yaml"
 
 
 def level_fact_types(level: int, fact_types: Sequence[str] | None) -> Sequence[str] | None:
-    """The fact types to ask ``make_ladder`` for at ``level``: level 5 has its own open types and takes none."""
-    return None if level == 5 else fact_types
+    """The fact types to ask ``make_ladder`` for at ``level``: the part of ``fact_types`` that level accepts, else
+    its default (level 5 keeps its open types, levels 6-7 their preference kinds, with ``fact_types=("colour",)``)."""
+    return ladder_level_fact_types(level, fact_types)
 
 
 def ladder_dataset(levels: Sequence[int], n: int, *, seed: int = 0, fact_types: Sequence[str] | None = None) -> Any:

@@ -36,20 +36,44 @@ def _session_ids(
     return encode_write_history(tokenizer, [*system_prefix(system), *session], options)
 
 
+def needed_conversations(task: MemoryTask, systems: Sequence[str], other_seed: int = 0) -> list[int]:
+    """The conversations whose memories ``systems`` read for ``task``'s questions, in order.
+
+    Each question's own conversation, plus, with ``deltamem_other_memory``, the conversation whose memory it reads
+    (:func:`other_memory_pairing` over *all* the task's conversations, so selecting questions never changes which
+    memory a question reads). With a subset of a benchmark's questions (``--max-questions``) only these need writing.
+    """
+    own = {q.conversation for q in task.questions}
+    needed = set(own)
+    if "deltamem_other_memory" in systems and len(task.conversations) >= 2:
+        pairing = other_memory_pairing(len(task.conversations), other_seed)
+        needed |= {pairing[c] for c in own}
+    return sorted(needed)
+
+
 @torch.no_grad()
-def write_memories(model: Any, tokenizer: Any, task: MemoryTask, settings: EvalSettings) -> MemoryState:
+def write_memories(
+    model: Any, tokenizer: Any, task: MemoryTask, settings: EvalSettings, conversations: Sequence[int] | None = None
+) -> MemoryState:
     """Write every conversation's sessions into its own fresh memory; returns one memory row per conversation.
 
     Sessions are written in order, one model call per session (positions restart at 0, no KV cache between
     sessions), batching the same session index across conversations. Right padding: padded tokens are never written.
+    With ``conversations`` (indices, e.g. :func:`needed_conversations`) only those are written; the rows of the
+    others stay empty (all-zero) memories, so the result keeps one row per conversation of the task.
     """
     granularity = active_deltamem_adapter(model)[1].write_granularity
     device, pad = model_device(model), pad_token_id(tokenizer)
     memories: list[MemoryState | None] = [None] * len(task.conversations)
+    chosen = set(range(len(task.conversations)) if conversations is None else conversations)
     max_sessions = max((len(c.sessions) for c in task.conversations), default=0)
     jobs = []
     for s in range(max_sessions):
-        rows = [c for c, conv in enumerate(task.conversations) if len(conv.sessions) > s and conv.sessions[s]]
+        rows = [
+            c
+            for c, conv in enumerate(task.conversations)
+            if c in chosen and len(conv.sessions) > s and conv.sessions[s]
+        ]
         jobs += [(s, [rows[i] for i in batch]) for batch in batches(len(rows), settings.batch_size)]
     for s, rows in progress(jobs, "write memories", settings.progress):
         encoded = [

@@ -49,7 +49,7 @@ import numpy as np
 from .._padding import pad_token_id
 from ._batching import base_context, batches, is_deltamem, progress
 from .ladder import make_ladder
-from .memories import memory_rows, other_memory_pairing, write_memories
+from .memories import memory_rows, needed_conversations, other_memory_pairing, write_memories
 from .metrics import contains_match, exact_match, locomo_f1
 from .model_scoring import answer_token_ids, greedy_generate, score_continuations
 from .prompts import context_budget, prompt_messages
@@ -159,7 +159,11 @@ def evaluate_task(
 ) -> dict[str, Any]:
     """Run every system of ``settings.systems`` on ``task`` and summarise.
 
-    Returns a JSON-serialisable dict: ``task``, ``metric``, ``n_questions``, ``n_conversations``, ``systems``
+    Only the conversations the questions need are written into memory (:func:`needed_conversations`: their own, and
+    the ones the other-memory control pairs them with), so a few questions of a long benchmark stay cheap.
+
+    Returns a JSON-serialisable dict: ``task``, ``metric``, ``n_questions``, ``n_conversations``,
+    ``n_conversations_written``, ``systems``
     (name -> summary, see :func:`summarize_records`), ``diagnostics`` (own-vs-other memory gap, chance level),
     ``seconds`` per system, ``settings``, and ``records`` (per question, per system).
     """
@@ -173,11 +177,13 @@ def evaluate_task(
     model.eval()
     metric = primary_metric(task, settings)
     seconds: dict[str, float] = {}
-    memories = None
+    memories, written = None, []
     try:
         if any(s in MEMORY_SYSTEMS for s in systems):
             start = time.perf_counter()
-            memories = write_memories(model, tokenizer, task, settings)
+            # Only the memories the questions read: a few questions of a long benchmark need a few conversations.
+            written = needed_conversations(task, systems, settings.other_seed)
+            memories = write_memories(model, tokenizer, task, settings, conversations=written)
             seconds["write_memories"] = time.perf_counter() - start
         per_system: dict[str, list[dict]] = {}
         summaries: dict[str, dict] = {}
@@ -198,6 +204,7 @@ def evaluate_task(
         "metric": metric,
         "n_questions": len(task.questions),
         "n_conversations": len(task.conversations),
+        "n_conversations_written": len(written) if memories is not None else 0,
         "systems": summaries,
         "diagnostics": diagnostics(per_system, task, settings),
         "seconds": {k: round(v, 2) for k, v in seconds.items()},

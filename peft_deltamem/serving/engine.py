@@ -7,7 +7,9 @@ can take this one's place.
 :class:`TransformersEngine` runs every model call in one worker thread. Generation requests of different sessions
 that arrive within ``max_wait_s`` of each other are batched into one ``generate`` call (up to ``max_batch_size``
 rows): prompts left-padded, the sessions' memories stacked as the rows of one :class:`MemoryState`. Greedy requests
-batch together; a sampled request runs alone, so its ``seed`` gives the same answer whatever else is running.
+batch together; a sampled request runs alone, so its ``seed`` gives the same answer whatever else is running. Writes
+(a message group into a memory) that arrive together are batched the same way, into one forward
+(:func:`~peft_deltamem.serving.writes.write_groups`: each memory gets what writing it alone gives).
 Requests of one session are never in flight together (the server serialises them), so their order is kept.
 """
 
@@ -26,7 +28,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from ..memory.state import MemoryState
-from .window import write_messages
+from .writes import write_groups
 
 __all__ = ["Completion", "Engine", "GenerationJob", "SamplingParams", "TransformersEngine"]
 
@@ -129,6 +131,10 @@ class _BatchStreamer(BaseStreamer):
         """Nothing to do: the final deltas are sent with the results."""
 
 
+def _greedy(item: tuple) -> bool:
+    return item[0] == "generate" and item[1].params.greedy
+
+
 def _held_back(text: str, stop: Sequence[str]) -> str:
     """``text`` without a tail that could still become a stop string, an incomplete character or trailing spaces."""
     keep = len(text)
@@ -175,6 +181,7 @@ class TransformersEngine(Engine):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.template = self._empty_memory()
         self.batches: deque[int] = deque(maxlen=1024)  # sizes of the latest batches generated
+        self.write_batches: deque[int] = deque(maxlen=1024)  # and written
         self._queue: queue.Queue = queue.Queue()
         self._pending: deque = deque()
         self._stopping = False
@@ -257,23 +264,23 @@ class TransformersEngine(Engine):
     def _dispatch(self, item: tuple) -> None:
         kind, payload, future = item
         if kind == "write":
-            self._do(future, self._write, *payload)
+            self._write_batch([item, *self._collect(lambda other: other[0] == "write")])
         elif kind == "generate":
             jobs = [payload]
             if payload.params.greedy:
-                jobs += self._collect(payload)
+                jobs += [other[1] for other in self._collect(_greedy)]
             self._generate_batch(jobs)
 
-    def _collect(self, first: GenerationJob) -> list[GenerationJob]:
-        """Greedy jobs that arrive within ``max_wait_s`` (others wait in ``_pending``, in order)."""
-        more: list[GenerationJob] = []
+    def _collect(self, fits: Callable[[tuple], bool]) -> list[tuple]:
+        """Queued items that ``fit`` the batch, arriving within ``max_wait_s`` (others wait in ``_pending``, in order)."""
+        more: list[tuple] = []
         deadline = time.monotonic() + self.max_wait_s
         skipped: list[tuple] = []
         while len(more) + 1 < self.max_batch_size:
-            pending = [p for p in self._pending if p[0] == "generate" and p[1].params.greedy]
+            pending = [p for p in self._pending if fits(p)]
             if pending:
                 self._pending.remove(pending[0])
-                more.append(pending[0][1])
+                more.append(pending[0])
                 continue
             left = deadline - time.monotonic()
             if left <= 0:
@@ -282,8 +289,8 @@ class TransformersEngine(Engine):
                 item = self._queue.get(timeout=left)
             except queue.Empty:
                 break
-            if item[0] == "generate" and item[1].params.greedy:
-                more.append(item[1])
+            if item[0] != "stop" and fits(item):
+                more.append(item)
             else:
                 skipped.append(item)
                 if item[0] == "stop":
@@ -291,21 +298,36 @@ class TransformersEngine(Engine):
         self._pending.extend(skipped)
         return more
 
-    @staticmethod
-    def _do(future: Future, function: Callable, *args: Any) -> None:
-        if not future.set_running_or_notify_cancel():
+    def _write_batch(self, items: list[tuple]) -> None:
+        """Write the groups of ``items`` (different memories) in one forward; alone again if the batch fails."""
+        live = [(payload, future) for _, payload, future in items if future.set_running_or_notify_cancel()]
+        if not live:
             return
+        memories = [self.template if m is None else m.to(self.device) for (m, _), _ in live]  # the store: on the CPU
         try:
-            future.set_result(function(*args))
-        except BaseException as err:  # handed to the waiting request
-            future.set_exception(err)
-
-    def _write(self, memory: MemoryState | None, messages: list[dict[str, Any]]) -> tuple[MemoryState, int]:
-        memory = self.template.clone() if memory is None else memory.to(self.device).clone()  # store: on the CPU
-        _, tokens = write_messages(
-            self.model, self.tokenizer, memory, messages, chat_template_kwargs=self.chat_template_kwargs
-        )
-        return memory, tokens
+            results = write_groups(
+                self.model,
+                self.tokenizer,
+                memories,
+                [messages for (_, messages), _ in live],
+                pad_id=self.pad_id,
+                chat_template_kwargs=self.chat_template_kwargs,
+            )
+        except BaseException as err:
+            if len(live) == 1:
+                live[0][1].set_exception(err)
+                return
+            for payload, future in live:  # one bad group must not fail the others: each alone again
+                alone: Future = Future()
+                self._write_batch([("write", payload, alone)])
+                if alone.exception() is None:
+                    future.set_result(alone.result())
+                else:
+                    future.set_exception(alone.exception())
+            return
+        self.write_batches.append(len(live))
+        for (_, future), result in zip(live, results, strict=True):
+            future.set_result(result)
 
     def _generate_batch(self, jobs: list[GenerationJob]) -> None:
         started = time.monotonic()

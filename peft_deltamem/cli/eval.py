@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft import PeftModel
 
 import peft_deltamem  # noqa: F401  (registers the DELTAMEM PEFT type)
@@ -59,6 +60,7 @@ def _common(parser: argparse.ArgumentParser, *, max_new_tokens: int, bm25_k: int
     parser.add_argument("--no-generate", action="store_true", help="skip greedy generation (forced choice only)")
     parser.add_argument("--seed", type=int, default=0, help="ladder and bootstrap seed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--device", help="torch device, e.g. cuda or cpu (default: cuda when available, else cpu)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,13 +98,15 @@ def write_pass_reads(choice: str, adapter: str | None) -> bool:
     return True
 
 
-def load_models(base: str, adapter: str | None) -> tuple[Any, Any]:
-    """The base model (resolved offline if need be) with the adapter loaded if given; eval mode."""
+def load_models(base: str, adapter: str | None, device: str | None = None) -> tuple[Any, Any]:
+    """The base model (resolved offline if need be) with the adapter loaded if given, on ``device`` (default: cuda
+    when available, else cpu); eval mode."""
 
     model, tokenizer = load_base_model(base)
     if adapter:
         model = PeftModel.from_pretrained(model, adapter)
-    return model.eval(), tokenizer
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer
 
 
 def settings_from_args(args: argparse.Namespace) -> EvalSettings:
@@ -164,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (FileNotFoundError, LocomoFormatError) as err:
             print(f"deltamem eval: error: {err}", file=sys.stderr)
             return 2
-    model, tokenizer = load_models(args.base, args.adapter)
+    model, tokenizer = load_models(args.base, args.adapter, args.device)
     if args.benchmark == "recall":
         results = {}
         for level in args.levels or [args.level]:

@@ -47,3 +47,35 @@ def output_cache(outputs: Any) -> Any:
         if name in outputs:
             return outputs[name]
     return None
+
+
+# transformers 5.24 renamed the training arguments ``gradient_checkpointing*`` to ``activation_checkpointing*`` (the
+# old names still work, with a FutureWarning, until v6). Pairs (old name, new name).
+CHECKPOINTING_ARGUMENTS = (
+    ("gradient_checkpointing", "activation_checkpointing"),
+    ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+)
+
+
+def training_argument_names(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (training-argument fields) with the checkpointing fields under the names the installed
+    ``TrainingArguments`` declares: the new ones where it has them, else the old ones. Recipes may use either name.
+
+    Raises:
+        ValueError: both names of one field are set.
+    """
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    declared = {field.name for field in fields(TrainingArguments)}
+    renamed = dict(values)
+    for old, new in CHECKPOINTING_ARGUMENTS:
+        if old in renamed and new in renamed:
+            raise ValueError(
+                f"{old!r} and {new!r} are the same setting (renamed in transformers 5.24): set only {new!r}"
+            )
+        wanted, other = (new, old) if new in declared else (old, new)
+        if other in renamed:
+            renamed[wanted] = renamed.pop(other)
+    return renamed

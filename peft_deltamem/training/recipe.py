@@ -24,6 +24,7 @@ from accelerate import PartialState
 from transformers import AutoTokenizer
 from trl import ModelConfig, ScriptArguments, TrlParser
 
+from .._compat import training_argument_names
 from ..config import DeltaMemConfig
 from ..interop.base_models import resolve_base_model
 from .data import load_conversations
@@ -187,6 +188,10 @@ def parse_recipe(argv: Sequence[str]) -> Recipe:
     args, cli_adapter = _split_adapter_args(args, flat)
     adapter.update(cli_adapter)
 
+    try:
+        values = training_argument_names(values)
+    except ValueError as err:
+        raise RecipeError(f"{source}: {err}") from None
     unknown = parser.set_defaults_with_config(**values)
     if unknown:
         key = unknown[0][2:]

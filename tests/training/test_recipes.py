@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,21 @@ def test_published_recipes_have_the_published_settings(path: Path) -> None:
     thinking = args.chat_template_kwargs.get("enable_thinking")
     assert thinking is (None if path.parent.name == "qwen3-4b-instruct" else False)
     assert recipe.model.dtype == "bfloat16" and recipe.model.model_name_or_path
+
+
+@pytest.mark.parametrize("name", ["activation_checkpointing", "gradient_checkpointing"])
+@pytest.mark.parametrize("value", [True, False])
+def test_either_checkpointing_name_sets_checkpointing_without_a_deprecation_warning(
+    tmp_path: Path, name: str, value: bool
+) -> None:
+    """transformers 5.24 renamed gradient_checkpointing to activation_checkpointing: a recipe may use either name,
+    and it reaches the installed release under the name that release declares (no FutureWarning on 5.24)."""
+    path = _bad(tmp_path, f"{name}: {str(value).lower()}\n")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+        args = parse_recipe([path, *CPU]).training
+    assert args.gradient_checkpointing is value
+    assert getattr(args, "activation_checkpointing", value) is value
 
 
 def _trainable(adapter: DeltaMemConfig) -> int:
@@ -119,6 +135,10 @@ def _bad(tmp_path, text: str) -> str:
         ("deltamem: 8\n", "'deltamem' must be a mapping"),
         ("r: 8\ndeltamem:\n  r: 8\n", "'r' is set both flat and in the 'deltamem' block"),
         ("learning_rate: [\n", "not valid YAML at line"),
+        (
+            "gradient_checkpointing: true\nactivation_checkpointing: true\n",
+            "'gradient_checkpointing' and 'activation_checkpointing' are the same setting",
+        ),
     ],
 )
 def test_bad_recipe_values_give_one_line_naming_file_and_field(tmp_path, capsys, text: str, message: str) -> None:

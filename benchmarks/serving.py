@@ -1,14 +1,16 @@
 """``deltamem serve`` measured: batching throughput, per-turn cost against resending the history, the session store.
 
     python benchmarks/serving.py [--smoke] [--out benchmarks/results/serving.json] [--threads N]
+        [--parts batching per-turn store]
 
 The app runs under uvicorn in this process on 127.0.0.1 (the real HTTP path), the model is SmolLM2-135M-Instruct with
 an untrained δ-mem adapter (r 8, heads q and o: timing does not depend on the weights; ``--smoke``: a tiny random
 Llama). Three measurements:
 
 1. **Batching.** ``--sessions`` sessions each send ``--turns`` requests (a growing conversation, ``--max-tokens``
-   greedy tokens): once one request at a time, once with one client thread per session. Reported: completion tokens
-   per second, p50 / p95 request latency, the ratio, and the batch sizes the engine formed.
+   greedy tokens) to two servers, turn by turn in alternating order: to one one request at a time, to the other with
+   one client thread per session. Reported: completion tokens per second, p50 / p95 request latency, the ratio, and
+   the batch sizes the engines formed (generation and writes).
 2. **Per-turn cost.** At turn T (``--per-turn``) of a synthetic conversation: δ-mem (``keep_last`` 2; the session
    already holds turns 1..T-1, so the request writes the turn that left the window and answers) against a server that
    resends the whole history (``keep_last`` larger than the conversation: nothing is written, everything is in the
@@ -113,40 +115,49 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def batching(model: Any, tokenizer: Any, tmp: Path, sessions: int, turns: int, max_tokens: int) -> list[dict]:
-    rows = []
-    for mode in ("one at a time", "concurrent"):
-        with Server(model, tokenizer, tmp / f"batch-{mode[0]}.db", keep_last=2) as server:
+    """One server per mode, interleaved turn by turn (the order alternating) so that load changes hit both alike."""
+    modes = ("one at a time", "concurrent")
+    with (
+        Server(model, tokenizer, tmp / "batch-one.db", keep_last=2) as alone,
+        Server(model, tokenizer, tmp / "batch-all.db", keep_last=2) as together,
+    ):
+        servers = dict(zip(modes, (alone, together), strict=True))
+        stats: dict[str, dict[str, Any]] = {m: {"latencies": [], "tokens": 0, "elapsed": 0.0} for m in modes}
+        for server in servers.values():
             server.ask(conversation(1), None, max_tokens)  # warm-up
             server.engine.batches.clear()
-            latencies: list[float] = []
-            tokens = [0]
-            lock = threading.Lock()
+            server.engine.write_batches.clear()
+        for t in range(1, turns + 1):
+            for mode in modes if t % 2 else modes[::-1]:
+                server, lock = servers[mode], threading.Lock()
 
-            def run(session: int, latencies: list = latencies, tokens: list = tokens, lock: Any = lock) -> None:
-                for t in range(1, turns + 1):
+                def ask(session: int, server: Server = server, mode: str = mode, lock: Any = lock, t: int = t) -> None:
                     body, seconds = server.ask(conversation(t, session), f"s{session}", max_tokens)
                     with lock:
-                        latencies.append(seconds)
-                        tokens[0] += body["usage"]["completion_tokens"]
+                        stats[mode]["latencies"].append(seconds)
+                        stats[mode]["tokens"] += body["usage"]["completion_tokens"]
 
-            started = time.perf_counter()
-            if mode == "concurrent":
-                with cf.ThreadPoolExecutor(sessions) as pool:
-                    list(pool.map(run, range(sessions)))
-            else:
-                for s in range(sessions):
-                    run(s)
-            elapsed = time.perf_counter() - started
-            batches = list(server.engine.batches)
-        rows.append(
-            {
-                "measure": f"{sessions} sessions × {turns} turns, {mode}",
-                "tokens_per_s": tokens[0] / elapsed,
-                "p50_s": statistics.median(latencies),
-                "p95_s": percentile(latencies, 0.95),
-                "mean_batch": sum(batches) / max(len(batches), 1),
-            }
-        )
+                started = time.perf_counter()
+                if mode == "concurrent":
+                    with cf.ThreadPoolExecutor(sessions) as pool:
+                        list(pool.map(ask, range(sessions)))
+                else:
+                    for session in range(sessions):
+                        ask(session)
+                stats[mode]["elapsed"] += time.perf_counter() - started
+        rows = []
+        for mode, server in servers.items():
+            batches, writes = list(server.engine.batches), list(server.engine.write_batches)
+            rows.append(
+                {
+                    "measure": f"{sessions} sessions × {turns} turns, {mode}",
+                    "tokens_per_s": stats[mode]["tokens"] / stats[mode]["elapsed"],
+                    "p50_s": statistics.median(stats[mode]["latencies"]),
+                    "p95_s": percentile(stats[mode]["latencies"], 0.95),
+                    "mean_batch": sum(batches) / max(len(batches), 1),
+                    "mean_write_batch": sum(writes) / max(len(writes), 1),
+                }
+            )
     rows.append(
         {
             "measure": "throughput ratio (concurrent / one at a time)",
@@ -210,21 +221,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--per-turn", type=int, nargs="+", default=[10, 50, 200])
     parser.add_argument("--commits", type=int, default=50)
+    parser.add_argument(
+        "--parts", nargs="+", choices=["batching", "per-turn", "store"], default=["batching", "per-turn", "store"]
+    )
     args = parse_args(parser, argv)
     if args.smoke:
         args.sessions, args.turns, args.max_tokens, args.per_turn, args.commits = 3, 2, 4, [2, 4], 5
     machine = start_report("deltamem serve", args.smoke)
     model, tokenizer = load(args.smoke)
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        rows = batching(model, tokenizer, Path(tmp), args.sessions, args.turns, args.max_tokens)
-        rows += per_turn(model, tokenizer, Path(tmp), args.per_turn, args.max_tokens)
-        rows += store_cost(model, tokenizer, Path(tmp), args.commits)
+        rows = []
+        if "batching" in args.parts:
+            rows += batching(model, tokenizer, Path(tmp), args.sessions, args.turns, args.max_tokens)
+        if "per-turn" in args.parts:
+            rows += per_turn(model, tokenizer, Path(tmp), args.per_turn, args.max_tokens)
+        if "store" in args.parts:
+            rows += store_cost(model, tokenizer, Path(tmp), args.commits)
     columns = {
         "measure": "measure",
         "tokens_per_s": "tokens/s (or ratio)",
         "p50_s": "p50 s",
         "p95_s": "p95 s",
         "mean_batch": "mean batch",
+        "mean_write_batch": "mean write batch",
         "prompt_tokens": "prompt tokens",
         "time_s": "time s",
         "bytes": "bytes",
@@ -234,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{args.max_tokens} greedy tokens per answer at most (an answer may end earlier at its end token)",
     ]
     print_report(rows, columns, notes)
-    settings = {k: getattr(args, k) for k in ("sessions", "turns", "max_tokens", "per_turn", "commits")}
+    settings = {k: getattr(args, k) for k in ("sessions", "turns", "max_tokens", "per_turn", "commits", "parts")}
     result = {"benchmark": "serving", "smoke": args.smoke, "machine": machine, "settings": settings, "rows": rows}
     return save_result(args.out, result)
 

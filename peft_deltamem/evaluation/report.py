@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import write_text_atomic
-from .pipeline import SYSTEM_LABELS, SYSTEMS
+from .settings import SYSTEM_LABELS, SYSTEMS
 
 Result = Mapping[str, Any]
 

@@ -73,6 +73,13 @@ class DeltaMemSFTConfig(SFTConfig):
     chat_template_kwargs: dict[str, Any] | str | None = field(
         default=None, metadata={"help": 'Chat template arguments, e.g. {"enable_thinking": false}.'}
     )
+    memory_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the memory projections W_mq, W_mk, W_mv (None: learning_rate, like the rest). "
+            "The schedule scales it as it scales learning_rate."
+        },
+    )
     invalid_rows: Literal["raise", "skip"] = field(
         default="raise", metadata={"help": "Malformed conversations: 'raise' (one error line) or 'skip' (warn)."}
     )
@@ -112,6 +119,10 @@ class DeltaMemSFTConfig(SFTConfig):
             fail("write_sparsity_weight", "a number >= 0")
         if not 0 <= self.write_sparsity_target <= 1:
             fail("write_sparsity_target", "a number in [0, 1]")
+        if self.memory_learning_rate is not None and not (
+            isinstance(self.memory_learning_rate, (int, float)) and self.memory_learning_rate > 0
+        ):
+            fail("memory_learning_rate", "a positive number or None")
         for name in ("packing", "padding_free"):
             if getattr(self, name):
                 fail(name, "False (an episode's write history and read context must stay separate sequences)")
@@ -171,6 +182,14 @@ def _mean_write_gate(write_gates: dict[str, tuple[torch.Tensor, torch.Tensor]]) 
     if total is None or count.item() == 0:
         return None
     return total / count
+
+
+#: Parameter names of the memory projections W_mq, W_mk, W_mv (layer.py's deltamem_memory_{q,k,v}).
+_MEMORY_PROJECTIONS = (".deltamem_memory_q.", ".deltamem_memory_k.", ".deltamem_memory_v.")
+
+
+def _is_memory_projection(name: str) -> bool:
+    return any(part in name for part in _MEMORY_PROJECTIONS)
 
 
 class DeltaMemSFTTrainer(SFTTrainer):
@@ -266,6 +285,34 @@ class DeltaMemSFTTrainer(SFTTrainer):
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:
             self._signature_columns = ["write_input_ids", "write_segment_ids", "input_ids", "labels"]
+
+    # ----- optimiser -----------------------------------------------------------------------------------------------
+    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+        """Trainer's optimiser; with ``memory_learning_rate`` set, the memory projections get their own learning rate.
+
+        Trainer builds its parameter groups (decay / no decay) and the optimiser class; each group is then split in
+        two, the memory projections' half carrying ``lr=memory_learning_rate``. The scheduler multiplies every
+        group's initial rate by the same factor, so warmup and decay apply to both rates alike.
+        """
+        if self.args.memory_learning_rate is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        names = {id(p): n for n, p in opt_model.named_parameters()}
+        optimizer = super().create_optimizer(model)
+        groups = []
+        for group in optimizer.param_groups:
+            memory = [p for p in group["params"] if _is_memory_projection(names.get(id(p), ""))]
+            rest = [p for p in group["params"] if not _is_memory_projection(names.get(id(p), ""))]
+            settings = {k: v for k, v in group.items() if k != "params"}
+            if rest:
+                groups.append({**settings, "params": rest})
+            if memory:
+                groups.append({**settings, "params": memory, "lr": self.args.memory_learning_rate})
+        # Regrouped before the first step, so no optimiser state refers to the old groups.
+        optimizer.param_groups.clear()
+        for group in groups:
+            optimizer.add_param_group(group)
+        return optimizer
 
     # ----- loss ----------------------------------------------------------------------------------------------------
     def _write_pass(self, model: Any, inputs: dict[str, torch.Tensor], memory: MemoryState) -> None:

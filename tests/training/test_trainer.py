@@ -287,8 +287,34 @@ def test_malformed_rows_are_rejected_before_training_or_skipped(tmp_path) -> Non
         ("invalid_rows", "ignore"),
         ("packing", True),
         ("chat_template_kwargs", "enable_thinking=false"),
+        ("memory_learning_rate", 0.0),
     ],
 )
 def test_bad_config_values_name_the_field(tmp_path, field: str, value) -> None:
     with pytest.raises(ValueError, match=f"DeltaMemSFTConfig.{field} must be"):
         DeltaMemSFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, **{field: value})
+
+
+def test_memory_learning_rate_gives_the_memory_projections_their_own_rate(tmp_path) -> None:
+    rows = recall_conversations(8, seed=0)
+    trainer = make_trainer(tmp_path, rows, learning_rate=1e-2, memory_learning_rate=3e-4, max_steps=1)
+    names = {id(p): n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    optimizer = trainer.create_optimizer()
+    rates: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            rates[names[id(param)]] = group["lr"]
+    assert set(rates) == set(names.values())  # every trainable parameter once, nothing else
+    memory = {n for n in rates if ".deltamem_memory_" in n}
+    assert memory and all(rates[n] == 3e-4 for n in memory)
+    assert all(rate == 1e-2 for n, rate in rates.items() if n not in memory)
+    # The schedule (warmup) scales both rates alike.
+    trainer.args.warmup_steps = 4
+    trainer.create_scheduler(num_training_steps=10, optimizer=optimizer)
+    by_rate = {round(g["initial_lr"], 8): g["lr"] for g in optimizer.param_groups}
+    assert by_rate[3e-4] / 3e-4 == pytest.approx(by_rate[1e-2] / 1e-2)
+
+
+def test_without_memory_learning_rate_every_parameter_has_the_learning_rate(tmp_path) -> None:
+    trainer = make_trainer(tmp_path, recall_conversations(8, seed=0), learning_rate=1e-2, max_steps=1)
+    assert {g["lr"] for g in trainer.create_optimizer().param_groups} == {1e-2}

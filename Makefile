@@ -117,3 +117,12 @@ DEMO_OUTPUT ?= demo-output
 .PHONY: demo
 demo: $(STAMP)
 	$(PY) -m peft_deltamem.cli.demo --train-minutes $(DEMO_MINUTES) --output $(DEMO_OUTPUT)
+
+# `make climb`: the long CPU recipe (about 90 minutes on 2 idle cores): a staged curriculum up the recall ladder
+# (recipes/smollm2-135m/climb-cpu.yaml), then every level of its plan evaluated with the six systems. Not part of
+# `make test`. Writes $(CLIMB_OUTPUT)/results.json in the demo's schema (docs/evaluation.md, "Climb").
+CLIMB_OUTPUT ?= climb-output
+CLIMB_PLAN ?= recipes/smollm2-135m/climb-cpu.yaml
+.PHONY: climb
+climb: $(STAMP)
+	$(PY) -m peft_deltamem.cli.climb --plan $(CLIMB_PLAN) --output $(CLIMB_OUTPUT) --no-progress

@@ -43,7 +43,7 @@ def test_climb_trains_each_stage_and_writes_every_level_with_six_systems(tiny_sm
     plan = {
         "recipe": "smollm2-135m/tsw-cpu",
         "overrides": ["--deltamem.layers_to_transform", "[0,1]", "--disable_tqdm", "true"],
-        "stages": [{"levels": [1], "fact_types": ["colour"], "steps": 2}, {"levels": [1, 3], "steps": 1}],
+        "stages": [{"levels": [1], "fact_types": ["colour"], "steps": 2}, {"levels": [1, 3, 6], "steps": 1}],
         "probe": {"level": 3, "n": 3, "every": 1},
         "eval": {"levels": [1, 3], "n": 4, "level": 3},
     }
@@ -64,7 +64,7 @@ def test_climb_trains_each_stage_and_writes_every_level_with_six_systems(tiny_sm
     assert [p["stage"] for p in training["curve"]] == [0, 0, 0, 1]
     assert set(results["targets"]) == {"L3 deltamem >= 0.70, controls inside no_history CI"}
     assert (output / "adapter" / "deltamem_training.json").is_file()
-    assert "stage 2/2: levels [1, 3], fact types all, 1 steps" in capsys.readouterr().out
+    assert "stage 2/2: levels [1, 3, 6], fact types all, 1 steps" in capsys.readouterr().out
 
 
 def _systems(own: float, other: float, full: float = 0.5) -> dict:

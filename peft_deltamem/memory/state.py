@@ -180,11 +180,16 @@ class MemoryState:
         return {k: torch.linalg.matrix_norm(v.detach()) for k, v in self.states.items()}
 
     # ----- files ---------------------------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the memory to a safetensors file (atomically) with a JSON header naming its adapter layout."""
+    def save(self, path: str | os.PathLike, *, extra_metadata: Mapping[str, str] | None = None) -> None:
+        """Write the memory to a safetensors file (atomically) with a JSON header naming its adapter layout.
+
+        ``extra_metadata``: more string entries for the header (e.g. the vLLM engine records which request wrote the
+        file); :meth:`load` ignores them.
+        """
         if self.layout is None:
             raise ValueError("Cannot save an empty MemoryState: run the model with memory=... first.")
         header = {
+            **{str(k): str(v) for k, v in (extra_metadata or {}).items()},
             "format": _FORMAT,
             "version": str(_VERSION),
             "layout": json.dumps(asdict(self.layout)),

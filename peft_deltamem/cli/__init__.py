@@ -1,7 +1,8 @@
 """``deltamem``: the command-line entry point. ``deltamem SUBCOMMAND --help`` describes each subcommand.
 
-One module per subcommand (``cli/<name>.py``, with a ``main(argv) -> int``), registered in :data:`COMMANDS` as
-``"module:function"``; the module is imported only when its subcommand runs, so ``deltamem --help`` stays fast.
+One module per subcommand (``cli/<name>.py``, dashes in the name as underscores, with a ``main(argv) -> int``),
+registered in :data:`COMMANDS` as ``"module:function"``; the module is imported only when its subcommand runs, so
+``deltamem --help`` stays fast.
 Options are spelled with dashes (``--max-new-tokens``); the underscore spelling is accepted too (``cli/_args.py``).
 A new command is a new module here plus one line in :data:`COMMANDS`.
 """
@@ -17,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "data": "peft_deltamem.cli.data:main",
     "demo": "peft_deltamem.cli.demo:main",
     "eval": "peft_deltamem.cli.eval:main",
+    "export-vllm": "peft_deltamem.cli.export_vllm:main",
     "serve": "peft_deltamem.cli.serve:main",
     "train": "peft_deltamem.cli.train:main",
 }

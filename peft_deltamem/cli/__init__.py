@@ -14,6 +14,7 @@ import sys
 
 COMMANDS: dict[str, str] = {
     "chat": "peft_deltamem.cli.chat:main",
+    "climb": "peft_deltamem.cli.climb:main",
     "convert": "peft_deltamem.cli.convert:main",
     "data": "peft_deltamem.cli.data:main",
     "demo": "peft_deltamem.cli.demo:main",

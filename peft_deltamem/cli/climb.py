@@ -1,4 +1,4 @@
-"""``python -m peft_deltamem.cli.climb`` (``make climb``): train the long CPU recipe, a staged curriculum up the ladder,
+"""``deltamem climb`` (``make climb``): train the long CPU recipe, a staged curriculum up the ladder,
 and evaluate every level of its plan with the memory-only protocol.
 
 The plan (``recipes/smollm2-135m/climb-cpu.yaml``, :mod:`peft_deltamem.training.climb`) names the training recipe,
@@ -65,7 +65,7 @@ def climb_targets(levels: Mapping[str, Mapping[str, Any]]) -> dict[str, bool]:
 
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = ArgumentParser(
-        prog="python -m peft_deltamem.cli.climb",
+        prog="deltamem climb",
         description="Train the long CPU recipe (a staged curriculum) and evaluate every level of its plan.",
         epilog="Anything else goes to the training recipe, e.g. --learning_rate 3e-3 --deltamem.r 16.",
     )

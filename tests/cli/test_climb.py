@@ -1,4 +1,4 @@
-"""``make climb`` / ``python -m peft_deltamem.cli.climb`` on a tiny random model (seconds): the wiring, the stages and
+"""``make climb`` / ``deltamem climb`` on a tiny random model (seconds): the wiring, the stages and
 results.json in the demo's schema. The real run (about 90 minutes) is ``make climb``; it is not part of the suite."""
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_make_climb_runs_the_bundled_plan_into_climb_output() -> None:
     default = subprocess.run(["make", "-n", "climb"], cwd=ROOT, capture_output=True, text=True)
     assert default.returncode == 0, default.stderr
-    line = [x for x in default.stdout.splitlines() if "peft_deltamem.cli.climb" in x]
+    line = [x for x in default.stdout.splitlines() if "deltamem climb" in x]
     assert line and "--plan recipes/smollm2-135m/climb-cpu.yaml" in line[0] and "--output climb-output" in line[0]
     moved = subprocess.run(["make", "-n", "climb", "CLIMB_OUTPUT=elsewhere"], cwd=ROOT, capture_output=True, text=True)
     assert "--output elsewhere" in moved.stdout
     test_target = subprocess.run(["make", "-n", "test"], cwd=ROOT, capture_output=True, text=True).stdout
-    assert "cli.climb" not in test_target
+    assert "climb" not in test_target
     assert "/climb-output/" in (ROOT / ".gitignore").read_text().splitlines()
 
 

@@ -287,18 +287,21 @@ class DeltaMemSFTTrainer(SFTTrainer):
             self._signature_columns = ["write_input_ids", "write_segment_ids", "input_ids", "labels"]
 
     # ----- optimiser -----------------------------------------------------------------------------------------------
-    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         """Trainer's optimiser; with ``memory_learning_rate`` set, the memory projections get their own learning rate.
 
         Trainer builds its parameter groups (decay / no decay) and the optimiser class; each group is then split in
         two, the memory projections' half carrying ``lr=memory_learning_rate``. The scheduler multiplies every
         group's initial rate by the same factor, so warmup and decay apply to both rates alike.
         """
+        # transformers 5.0 calls create_optimizer() with no argument, later releases pass the model: hand on
+        # exactly what we were given.
         if self.args.memory_learning_rate is None or self.optimizer is not None:
-            return super().create_optimizer(model)
+            return super().create_optimizer(*args, **kwargs)
+        model = args[0] if args else kwargs.get("model")
         opt_model = self.model if model is None else model
         names = {id(p): n for n, p in opt_model.named_parameters()}
-        optimizer = super().create_optimizer(model)
+        optimizer = super().create_optimizer(*args, **kwargs)
         groups = []
         for group in optimizer.param_groups:
             memory = [p for p in group["params"] if _is_memory_projection(names.get(id(p), ""))]

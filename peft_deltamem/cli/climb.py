@@ -20,10 +20,9 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from .._io import write_text_atomic
 from ..evaluation import EvalSettings
 from ..evaluation.ladder import make_ladder
-from ..evaluation.report import levels_table, plot_results, plot_training_curve, write_json
+from ..evaluation.report import levels_table, plot_results, plot_training_curve, write_json, write_run_results
 from ..interop.base_models import load_base_model
 from ..training.climb import DEFAULT_PLAN, ClimbPlan, climb_recipe, load_plan, train_plan
 from ._args import ArgumentParser, parse_levels
@@ -143,14 +142,12 @@ def run_climb(args: argparse.Namespace) -> dict[str, Any]:
         "recipe_overrides": [*plan.overrides, *args.recipe_overrides],
     }
     write_json(training_info, output / "adapter" / TRAINING_INFO_FILE)
-    results: dict[str, Any] = {
-        "training": {**training_info, "curve": trained.curve, "log_history": trained.log_history}
-    }
+    training = {**training_info, "curve": trained.curve, "log_history": trained.log_history}
     if trained.curve:
         plot_training_curve(trained.curve, output / "training_curve.png", title="Climb: training-time curve")
     if args.no_eval:
-        write_json(results, output / "results.json")
-        return results
+        write_json({"training": training}, output / "results.json")
+        return {"training": training}
 
     _print("== 3/4 evaluation: memory-only protocol (docs/design.md §7) ==")
     settings = EvalSettings(
@@ -161,7 +158,6 @@ def run_climb(args: argparse.Namespace) -> dict[str, Any]:
         generate=not args.forced_choice_only,
     )
     levels = evaluate_levels(model, tokenizer, eval_levels, n_eval, fact_types=None, settings=settings, seed=args.seed)
-    main = levels[f"L{headline}"]
     overview = levels_table(levels)
     targets = climb_targets(levels)
     _print("== 4/4 results ==\n")
@@ -169,26 +165,16 @@ def run_climb(args: argparse.Namespace) -> dict[str, Any]:
     for name, ok in targets.items():
         _print(f"  {'yes' if ok else 'NO ':3}  {name}")
     plot_results(levels, output / "results.png", title="δ-mem climb on SmolLM2-135M-Instruct, memory only")
-    results = {name: main["systems"][name] for name in main["systems"]}
-    results.update(
-        {
-            "level": headline,
-            "metric": main["metric"],
-            "targets": targets,
-            "targets_met": all(targets.values()),
-            "diagnostics": main["diagnostics"],
-            "levels": {label: {k: v for k, v in r.items() if k != "records"} for label, r in levels.items()},
-            "training": {**training_info, "curve": trained.curve, "log_history": trained.log_history},
-            "total_seconds": round(time.perf_counter() - started, 1),
-        }
-    )
-    write_json(results, output / "results.json")
-    write_json({label: r["records"] for label, r in levels.items()}, output / "records.json")
-    write_text_atomic(
-        output / "results.md",
-        f"# climb\n\n{trained.steps} training steps ({trained.train_seconds / 60:.1f} min), plan {args.plan}.\n\n"
-        f"{overview}\n\n## Targets (reported, not gated)\n\n"
-        + "".join(f"- {'met' if ok else '**not met**'}: {name}\n" for name, ok in targets.items()),
+    results = write_run_results(
+        output,
+        levels,
+        level=headline,
+        targets=targets,
+        training=training,
+        markdown=f"# climb\n\n{trained.steps} training steps ({trained.train_seconds / 60:.1f} min), plan {args.plan}."
+        f"\n\n{overview}",
+        targets_heading="Targets (reported, not gated)",
+        started=started,
     )
     _print(
         f"\nWrote {output}/results.json, results.md, results.png and the adapter ({output}/adapter). "

@@ -22,12 +22,18 @@ from typing import Any
 
 import torch
 
-from .._io import write_text_atomic
 from ..chat.session import MemorySession
 from ..evaluation import EvalSettings, evaluate_recall
 from ..evaluation.ladder import make_ladder
 from ..evaluation.metrics import contains_match
-from ..evaluation.report import levels_table, markdown_table, plot_results, plot_training_curve, write_json
+from ..evaluation.report import (
+    levels_table,
+    markdown_table,
+    plot_results,
+    plot_training_curve,
+    write_json,
+    write_run_results,
+)
 from ..interop.base_models import load_base_model
 from ..training.timed import DEFAULT_RECIPE, curriculum_stages, level_fact_types, load_recipe, train_curriculum
 from ._args import ArgumentParser, parse_levels
@@ -285,27 +291,16 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         _print(f"  {'yes' if ok else 'NO ':3}  {name}")
     _print(f"Targets: {'all met' if not failed else f'{len(failed)} of {len(targets)} NOT met'}.")
 
-    results: dict[str, Any] = {name: demo_result["systems"][name] for name in demo_result["systems"]}
-    results.update(
-        {
-            "level": args.level,
-            "metric": demo_result["metric"],
-            "targets": targets,
-            "targets_met": not failed,
-            "diagnostics": demo_result["diagnostics"],
-            "levels": {label: {k: v for k, v in r.items() if k != "records"} for label, r in levels.items()},
-            "training": {**training_info, "curve": trained.curve, "log_history": trained.log_history},
-            "session": session,
-            "total_seconds": round(time.perf_counter() - started, 1),
-        }
-    )
-    write_json(results, output / "results.json")
-    write_json({label: r["records"] for label, r in levels.items()}, output / "records.json")
-    write_text_atomic(
-        output / "results.md",
-        f"# deltamem demo\n\nLevel {args.level}, {trained.steps} training steps ({trained.train_seconds / 60:.1f} min)."
-        f"\n\n{table}\n\n## All evaluated levels\n\n{overview}\n\n## Targets\n\n"
-        + "".join(f"- {'met' if ok else '**not met**'}: {name}\n" for name, ok in targets.items()),
+    results = write_run_results(
+        output,
+        levels,
+        level=args.level,
+        targets=targets,
+        training={**training_info, "curve": trained.curve, "log_history": trained.log_history},
+        markdown=f"# deltamem demo\n\nLevel {args.level}, {trained.steps} training steps "
+        f"({trained.train_seconds / 60:.1f} min).\n\n{table}\n\n## All evaluated levels\n\n{overview}",
+        extra={"session": session},
+        started=started,
     )
     _print(
         f"\nWrote {output}/results.json, results.md, results.png, training_curve.png and the adapter ({output}/adapter)."

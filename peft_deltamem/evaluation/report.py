@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,52 @@ def strip_records(result: Result) -> dict[str, Any]:
 def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
     """Write ``data`` as indented UTF-8 JSON (atomically: a temporary file renamed into place); returns the path."""
     return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=_jsonable) + "\n")
+
+
+def write_run_results(
+    output: str | os.PathLike[str],
+    levels: Mapping[str, Result],
+    *,
+    level: int,
+    targets: Mapping[str, bool],
+    training: Mapping[str, Any],
+    markdown: str,
+    targets_heading: str = "Targets",
+    extra: Mapping[str, Any] | None = None,
+    started: float,
+) -> dict[str, Any]:
+    """The result files of a train-then-evaluate run (``deltamem demo``, ``deltamem climb``), in ``output``.
+
+    ``results.json``: the headline level's systems at the top, then ``level``, ``metric``, ``targets`` (``{name:
+    met}``), ``targets_met``, ``diagnostics``, every level of ``levels`` without its records, ``training``, the
+    entries of ``extra`` and ``total_seconds`` (since ``started``, a :func:`time.perf_counter` value);
+    ``records.json``: every level's records; ``results.md``: ``markdown``, then the targets under
+    ``targets_heading``. Returns what ``results.json`` holds.
+    """
+    output = Path(output)
+    main = levels[f"L{level}"]
+    results: dict[str, Any] = {name: main["systems"][name] for name in main["systems"]}
+    results.update(
+        {
+            "level": level,
+            "metric": main["metric"],
+            "targets": dict(targets),
+            "targets_met": all(targets.values()),
+            "diagnostics": main["diagnostics"],
+            "levels": {label: strip_records(r) for label, r in levels.items()},
+            "training": dict(training),
+            **(extra or {}),
+            "total_seconds": round(time.perf_counter() - started, 1),
+        }
+    )
+    write_json(results, output / "results.json")
+    write_json({label: r["records"] for label, r in levels.items()}, output / "records.json")
+    write_text_atomic(
+        output / "results.md",
+        f"{markdown}\n\n## {targets_heading}\n\n"
+        + "".join(f"- {'met' if ok else '**not met**'}: {name}\n" for name, ok in targets.items()),
+    )
+    return results
 
 
 def _jsonable(value: Any) -> Any:
@@ -241,4 +288,5 @@ __all__ = [
     "plot_training_curve",
     "strip_records",
     "write_json",
+    "write_run_results",
 ]

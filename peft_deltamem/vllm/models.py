@@ -94,6 +94,25 @@ def _add(x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
     return x if delta is None else x + delta.to(x.dtype)
 
 
+def _corrected_qkv(
+    attention: nn.Module, hidden_states: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The memory's corrections for this step (the memory reads and writes here, before the attention) and the q, k,
+    v projections with Δq/Δk/Δv added; what follows (Qwen3's q/k norms, RoPE) is the caller's."""
+    delta = attention.deltamem(hidden_states)
+    qkv, _ = attention.qkv_proj(hidden_states)
+    q, k, v = qkv.split([attention.q_size, attention.kv_size, attention.kv_size], dim=-1)
+    return delta, _add(q, delta.get("q")), _add(k, delta.get("k")), _add(v, delta.get("v"))
+
+
+def _corrected_output(
+    attention: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """vLLM's attention over the (rotated) q, k, v, its output projection, and Δo added to that projection's output."""
+    output, _ = attention.o_proj(attention.attn(q, k, v))
+    return _add(output, delta.get("o"))
+
+
 # ----- Llama family -----------------------------------------------------------------------------------------------
 class DeltaMemLlamaAttention(LlamaAttention):
     """vLLM's Llama attention with δ-mem corrections."""
@@ -105,14 +124,9 @@ class DeltaMemLlamaAttention(LlamaAttention):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.deltamem is None:
             return super().forward(positions, hidden_states)
-        delta = self.deltamem(hidden_states)
-        qkv, _ = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k, v = _add(q, delta.get("q")), _add(k, delta.get("k")), _add(v, delta.get("v"))
+        delta, q, k, v = _corrected_qkv(self, hidden_states)
         q, k = self.rotary_emb(positions, q, k)
-        attn_output = self.attn(q, k, v)
-        output, _ = self.o_proj(attn_output)
-        return _add(output, delta.get("o"))
+        return _corrected_output(self, q, k, v, delta)
 
 
 class DeltaMemLlamaDecoderLayer(LlamaDecoderLayer):
@@ -152,18 +166,13 @@ class DeltaMemQwen3Attention(Qwen3Attention):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.deltamem is None:
             return super().forward(positions, hidden_states)
-        delta = self.deltamem(hidden_states)
-        qkv, _ = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k, v = _add(q, delta.get("q")), _add(k, delta.get("k")), _add(v, delta.get("v"))
+        delta, q, k, v = _corrected_qkv(self, hidden_states)
         q_by_head = self.q_norm(q.view(*q.shape[:-1], q.shape[-1] // self.head_dim, self.head_dim))
         q = q_by_head.view(q.shape)
         k_by_head = self.k_norm(k.view(*k.shape[:-1], k.shape[-1] // self.head_dim, self.head_dim))
         k = k_by_head.view(k.shape)
         q, k = self.rotary_emb(positions, q, k)
-        attn_output = self.attn(q, k, v)
-        output, _ = self.o_proj(attn_output)
-        return _add(output, delta.get("o"))
+        return _corrected_output(self, q, k, v, delta)
 
 
 class DeltaMemQwen3DecoderLayer(Qwen3DecoderLayer):

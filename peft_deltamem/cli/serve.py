@@ -10,6 +10,8 @@ everything older lives in the session's memory (docs/serving.md).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -54,6 +56,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat-template-kwargs", type=json.loads, default=None, metavar="JSON", help="extra chat template arguments"
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--engine",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="the model engine: transformers (default) or vllm (docs/vllm.md; needs the vllm extra)",
+    )
+    parser.add_argument(
+        "--vllm-checkpoint",
+        default=None,
+        metavar="PATH",
+        help="--engine vllm: the deltamem export-vllm checkpoint to serve; exported there first if PATH does not "
+        "exist (default: a cache folder beside --store, keyed by the adapter and base)",
+    )
+    parser.add_argument(
+        "--vllm-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--engine vllm: an argument of vllm.LLM (repeatable; VALUE is JSON, else a string), e.g. "
+        "max_model_len=8192 or enforce_eager=true",
+    )
     parser.add_argument("--log-level", default="info", help="log level (default info)")
     return parser
 
@@ -66,22 +89,89 @@ def api_keys(args: argparse.Namespace, environ: dict[str, str] | None = None) ->
     return tuple(dict.fromkeys(keys))
 
 
-def build_app(args: argparse.Namespace) -> Any:
-    """Load the model and build the app ``args`` describe (without running it)."""
-    from ..serving.app import ServerConfig, create_app
+class SetupError(Exception):
+    """A setting of ``deltamem serve`` that cannot work; its message names the fix (printed as one line)."""
+
+
+def vllm_options(options: list[str]) -> dict[str, Any]:
+    """``--vllm-option KEY=VALUE`` options as ``vllm.LLM`` keyword arguments (VALUE parsed as JSON, else a string)."""
+    out: dict[str, Any] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key.strip():
+            raise SetupError(f"--vllm-option {option!r}: write KEY=VALUE, e.g. max_model_len=8192")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
+def vllm_checkpoint(args: argparse.Namespace) -> Path:
+    """The vLLM checkpoint to serve: ``--vllm-checkpoint`` if it exists, else the adapter exported (and cached)."""
+    from ..vllm.export import export_vllm_checkpoint
+
+    if args.vllm_checkpoint is not None and Path(args.vllm_checkpoint).exists():
+        return Path(args.vllm_checkpoint)
+    out = Path(args.vllm_checkpoint) if args.vllm_checkpoint else _cache_dir(args)
+    if not out.exists():
+        try:
+            export_vllm_checkpoint(args.adapter, out, args.base)
+        except ValueError as err:
+            raise SetupError(f"cannot serve {args.adapter} with --engine vllm: {err}") from err
+    return out
+
+
+def _cache_dir(args: argparse.Namespace) -> Path:
+    """A folder beside the store, named by a hash of the adapter (its files, if local) and the base."""
+    digest = hashlib.sha256(f"{args.adapter}\0{args.base}".encode())
+    adapter = Path(args.adapter)
+    if adapter.is_dir():
+        digest.update(str(adapter.resolve()).encode())
+        for path in sorted(adapter.glob("adapter_*")):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    name = adapter.name or "adapter"
+    return Path(args.store).resolve().parent / "deltamem-vllm-cache" / f"{name}-{digest.hexdigest()[:16]}"
+
+
+def _engine(args: argparse.Namespace, model_id: str) -> Any:
+    if args.engine == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            raise SetupError(
+                "--engine vllm needs vLLM in this environment: install peft-deltamem[vllm] (the CPU build) or "
+                "vllm==0.32.0 (GPUs) in a separate virtualenv (docs/vllm.md)"
+            )
+        options = vllm_options(args.vllm_option)
+        checkpoint = vllm_checkpoint(args)
+        from ..vllm.engine import VllmEngine
+
+        return VllmEngine(
+            checkpoint,
+            model_id=model_id,
+            chat_template_kwargs=args.chat_template_kwargs,
+            max_batch_size=args.max_batch_size,
+            llm_kwargs=options,
+        )
     from ..serving.engine import TransformersEngine
-    from ..serving.store import SessionStore
     from .chat import load_model
 
     model, tokenizer = load_model(args.adapter, args.base, args.device)
-    engine = TransformersEngine(
+    return TransformersEngine(
         model,
         tokenizer,
-        model_id=args.model_name or Path(str(args.adapter).rstrip("/")).name,
+        model_id=model_id,
         chat_template_kwargs=args.chat_template_kwargs,
         max_batch_size=args.max_batch_size,
         max_wait_s=args.max_wait_ms / 1000,
     )
+
+
+def build_app(args: argparse.Namespace) -> Any:
+    """Load the model and build the app ``args`` describe (without running it); :class:`SetupError` if it cannot."""
+    from ..serving.app import ServerConfig, create_app
+    from ..serving.store import SessionStore
+
+    engine = _engine(args, args.model_name or Path(str(args.adapter).rstrip("/")).name)
     config = ServerConfig(
         keep_last=args.keep_last,
         api_keys=api_keys(args),
@@ -106,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         print('error: deltamem serve needs the serve extra: pip install "peft-deltamem[serve]"', file=sys.stderr)
         return 1
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = build_app(args)
+    try:
+        app = build_app(args)
+    except SetupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=30)
     return 0
 

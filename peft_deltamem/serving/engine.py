@@ -30,7 +30,7 @@ from transformers.generation.streamers import BaseStreamer
 from ..memory.state import MemoryState
 from .writes import write_groups
 
-__all__ = ["Completion", "Engine", "GenerationJob", "SamplingParams", "TransformersEngine"]
+__all__ = ["Completion", "Engine", "GenerationJob", "SamplingParams", "TokenizerEngine", "TransformersEngine"]
 
 _VOLATILE = frozenset({"base_model_name_or_path", "revision", "inference_mode", "scan_impl", "scan_chunk_size"})
 
@@ -120,9 +120,7 @@ class _BatchStreamer(BaseStreamer):
             self.tokens[row].append(int(token))
             if job.on_delta is None:
                 continue
-            text, done = self.engine._finish(self.tokens[row], job.params)
-            if not done:
-                text = _held_back(text, job.params.stop)
+            text, _ = self.engine._streamed(self.tokens[row], job.params)
             if text.startswith(self.emitted[row]) and len(text) > len(self.emitted[row]):
                 job.on_delta(text[len(self.emitted[row]) :])
                 self.emitted[row] = text
@@ -147,7 +145,64 @@ def _held_back(text: str, stop: Sequence[str]) -> str:
     return text.rstrip("\ufffd").rstrip()
 
 
-class TransformersEngine(Engine):
+class TokenizerEngine(Engine):
+    """The parts of an engine that only need a Hugging Face tokenizer: prompts, answer text, memory checks.
+
+    A subclass sets ``tokenizer``, ``chat_template_kwargs``, ``eos_ids`` (the ids that end an answer) and
+    ``template`` (an empty memory of its adapter, sized: one row). Every engine renders prompts and turns tokens into
+    answer text the same way, so an answer is the same text whichever engine generated its tokens.
+    """
+
+    tokenizer: Any
+    chat_template_kwargs: dict[str, Any]
+    eos_ids: list[int]
+    template: MemoryState
+
+    def check_memory(self, memory: MemoryState) -> str | None:
+        if memory.layout != self.template.layout:
+            return f"the memory has {memory.layout.describe() if memory.layout else 'no layout'}, the adapter {self.template.layout.describe()}"
+        ours = {k: v for k, v in self.template.adapter_config.items() if k not in _VOLATILE}
+        theirs = {k: v for k, v in memory.adapter_config.items() if k not in _VOLATILE}
+        differing = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        if differing:
+            return "the adapter config differs in " + ", ".join(differing[:6])
+        if memory.batch_size != 1:
+            return f"the memory holds {memory.batch_size} rows, a session has one"
+        return None
+
+    def encode_prompt(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=True, **self.chat_template_kwargs
+        )
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _finish(self, tokens: Sequence[int], params: SamplingParams) -> tuple[str, bool]:
+        """The answer text of ``tokens`` so far and whether it has ended (end of sequence or a stop string)."""
+        ended = False
+        for i, t in enumerate(tokens):
+            if t in self.eos_ids:  # decoded as MemorySession does: the end token too (special ones are skipped)
+                tokens, ended = tokens[: i + 1], True
+                break
+        text = self.tokenizer.decode(list(tokens), skip_special_tokens=True).lstrip()
+        cut = min((text.find(s) for s in params.stop if s and s in text), default=-1)
+        if cut >= 0:
+            text, ended = text[:cut], True
+        return (text.strip() if ended else text), ended
+
+    def _answer(self, tokens: Sequence[int], params: SamplingParams) -> tuple[str, int, str]:
+        """The final answer of ``tokens``: its text, the tokens it counts (up to the end token) and its finish reason."""
+        text, ended = self._finish(tokens, params)
+        eos_at = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
+        count = eos_at + 1 if eos_at is not None else len(tokens)
+        return (text if ended else text.strip()), count, ("stop" if ended else "length")
+
+    def _streamed(self, tokens: Sequence[int], params: SamplingParams) -> tuple[str, bool]:
+        """What a stream may show of ``tokens`` so far (no tail that could still change), and whether it ended."""
+        text, done = self._finish(tokens, params)
+        return (text if done else _held_back(text, params.stop)), done
+
+
+class TransformersEngine(TokenizerEngine):
     """A ``PeftModel`` with an active δ-mem adapter and its tokenizer, served from one worker thread.
 
     Args:
@@ -195,37 +250,6 @@ class TransformersEngine(Engine):
         with torch.no_grad():
             self.model(input_ids=ids, attention_mask=torch.ones_like(ids), memory=memory, memory_write=True)
         return memory.zeros_like()
-
-    def check_memory(self, memory: MemoryState) -> str | None:
-        if memory.layout != self.template.layout:
-            return f"the memory has {memory.layout.describe() if memory.layout else 'no layout'}, the adapter {self.template.layout.describe()}"
-        ours = {k: v for k, v in self.template.adapter_config.items() if k not in _VOLATILE}
-        theirs = {k: v for k, v in memory.adapter_config.items() if k not in _VOLATILE}
-        differing = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-        if differing:
-            return "the adapter config differs in " + ", ".join(differing[:6])
-        if memory.batch_size != 1:
-            return f"the memory holds {memory.batch_size} rows, a session has one"
-        return None
-
-    def encode_prompt(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=True, **self.chat_template_kwargs
-        )
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def _finish(self, tokens: Sequence[int], params: SamplingParams) -> tuple[str, bool]:
-        """The answer text of ``tokens`` so far and whether it has ended (end of sequence or a stop string)."""
-        ended = False
-        for i, t in enumerate(tokens):
-            if t in self.eos_ids:  # decoded as MemorySession does: the end token too (special ones are skipped)
-                tokens, ended = tokens[: i + 1], True
-                break
-        text = self.tokenizer.decode(list(tokens), skip_special_tokens=True).lstrip()
-        cut = min((text.find(s) for s in params.stop if s and s in text), default=-1)
-        if cut >= 0:
-            text, ended = text[:cut], True
-        return (text.strip() if ended else text), ended
 
     # ----- submitting ----------------------------------------------------------------------------------------------
     def submit_write(self, memory: MemoryState | None, messages: Sequence[Mapping[str, Any]]) -> Future:
@@ -378,14 +402,10 @@ class TransformersEngine(Engine):
         results = []
         for row, job in enumerate(jobs):
             tokens = sequences[row, width:].tolist()[: job.params.max_tokens]
-            text, ended = self._finish(tokens, job.params)
-            eos_at = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
-            count = eos_at + 1 if eos_at is not None else len(tokens)
-            if not ended:
-                text = text.strip()
+            text, count, finish_reason = self._answer(tokens, job.params)
             if job.on_delta is not None:
                 emitted = streamer.emitted[row] if streamer else ""
                 if text.startswith(emitted) and len(text) > len(emitted):
                     job.on_delta(text[len(emitted) :])
-            results.append((text, count, "stop" if ended else "length"))
+            results.append((text, count, finish_reason))
         return results

@@ -44,6 +44,7 @@ __all__ = [
     "plan_window",
     "write_cuts",
     "write_messages",
+    "written_runs",
 ]
 
 SYSTEM_ROLES = frozenset({"system"})
@@ -201,6 +202,18 @@ def write_messages(
     return stats, written_tokens
 
 
+def written_runs(message_ids: Sequence[int]) -> list[tuple[bool, int]]:
+    """The runs of a token write: ``(written, length)`` in order; ``NOT_WRITTEN`` tokens are read-only context.
+
+    A trailing read-only run is dropped (it influences nothing that is written). Every engine writes a group by
+    these runs (:func:`write_messages` here, a history write with unwritten ranges on vLLM).
+    """
+    runs = [(flag, len(list(group))) for flag, group in itertools.groupby(m != NOT_WRITTEN for m in message_ids)]
+    while runs and not runs[-1][0]:
+        runs.pop()
+    return runs
+
+
 def _write_token_runs(
     model: Any, memory: Any, ids: torch.Tensor, message_ids: list[int], stats: dict, heads: int
 ) -> None:
@@ -213,9 +226,7 @@ def _write_token_runs(
 
     from .._compat import cache_kwargs
 
-    runs = [(flag, len(list(group))) for flag, group in itertools.groupby(m != NOT_WRITTEN for m in message_ids)]
-    while runs and not runs[-1][0]:
-        runs.pop()  # trailing context influences nothing that is written
+    runs = written_runs(message_ids)
     cache = DynamicCache(config=model.config) if len(runs) > 1 else None
     start = 0
     for written, length in runs:

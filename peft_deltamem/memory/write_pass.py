@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .._compat import cache_kwargs
+
 if TYPE_CHECKING:
     from .state import MemoryState
 
@@ -23,6 +25,9 @@ def write_pass(
     segment_ids: torch.Tensor | None = None,
     reads: bool = True,
     record_write_gates: bool = False,
+    writes: bool = True,
+    position_ids: torch.Tensor | None = None,
+    cache: Any = None,
 ) -> None:
     """Write ``input_ids`` (padding, ``attention_mask == 0``, is never written) into ``memory`` in place.
 
@@ -31,19 +36,27 @@ def write_pass(
         reads: ``False`` for a write-only pass: the layers write but add no corrections (the CPU recipe's
             ``write_pass_reads: false``).
         record_write_gates: keep the call's write gates on the memory (``memory.take_write_gates()``).
+        writes: ``False`` for read-only context: tokens that the written tokens of a later call see through ``cache``
+            (token writes split over calls, as the server writes a message after its context).
+        position_ids: the tokens' positions, for left-padded rows or tokens that follow a cached context.
+        cache: a KV cache that the call extends (and so a call with ``use_cache=True``); None: no cache.
     """
     kwargs: dict[str, Any] = {}
     if segment_ids is not None:
         kwargs["memory_segment_ids"] = segment_ids
     if not reads:
         kwargs["memory_read"] = False
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    if cache is not None:
+        kwargs.update(cache_kwargs(model, cache))
     model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         memory=memory,
-        memory_write=True,
+        memory_write=writes,
         memory_record_write_gates=record_write_gates,
-        use_cache=False,
+        use_cache=cache is not None,
         # An empty index tensor selects no position: the write pass never projects onto the vocabulary.
         logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device),
         **kwargs,

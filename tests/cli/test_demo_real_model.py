@@ -21,6 +21,7 @@ from tests.helpers.real_training import STEPS, missing
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.xdist_group("trained_smollm2_l1"),  # one worker trains the shared adapter once (make test: -n 2)
     pytest.mark.skipif(bool(missing()), reason=f"needs {missing()} (offline SmolLM2 + training; `make install`)"),
 ]
 

@@ -10,11 +10,11 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .._io import write_text_atomic
+from .._io import atomic_path, write_text_atomic
 from .settings import SYSTEM_LABELS, SYSTEMS
 
 Result = Mapping[str, Any]
@@ -28,6 +28,19 @@ def strip_records(result: Result) -> dict[str, Any]:
 def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
     """Write ``data`` as indented UTF-8 JSON (atomically: a temporary file renamed into place); returns the path."""
     return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=_jsonable) + "\n")
+
+
+def write_jsonl(rows: Iterable[Any], path: str | os.PathLike[str]) -> int:
+    """Write ``rows`` as JSON Lines, one UTF-8 JSON value a line (atomically, creating the parent directory); returns
+    the number of lines written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    return count
 
 
 def write_run_results(
@@ -288,5 +301,6 @@ __all__ = [
     "plot_training_curve",
     "strip_records",
     "write_json",
+    "write_jsonl",
     "write_run_results",
 ]

@@ -8,12 +8,11 @@ answer and metadata), ready as ``dataset_name`` of a recipe (``recipes/smollm2-1
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from .._io import atomic_path
 from ..evaluation.ladder import make_ladder
+from ..evaluation.report import write_jsonl
 
 
 def write_ladder_jsonl(
@@ -27,13 +26,7 @@ def write_ladder_jsonl(
 ) -> int:
     """Write ``n`` ladder examples of ``level`` (only ``fact_types``, if given) to ``path`` (atomically); returns the
     number of lines written."""
-    records = make_ladder(level, n, seed=seed, split=split, fact_types=fact_types)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return len(records)
+    return write_jsonl(make_ladder(level, n, seed=seed, split=split, fact_types=fact_types), path)
 
 
 if __name__ == "__main__":  # the old command, python -m peft_deltamem.training.ladder_data, for one more release

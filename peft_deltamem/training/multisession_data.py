@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_path, write_text_atomic
+from .._io import write_text_atomic
 from ..evaluation.locomo import parse_locomo
 from ..evaluation.multisession import make_conversations
+from ..evaluation.report import write_jsonl
 
 FORMATS = ("jsonl", "locomo")
 """Output formats: training rows as JSON Lines, or LoCoMo's JSON (a list of samples) for ``deltamem eval locomo``."""
@@ -59,12 +60,7 @@ def write_multisession(
     if fmt == "locomo":
         write_text_atomic(path, json.dumps(samples, indent=1, ensure_ascii=False) + "\n")
         return len(samples)
-    rows = training_rows(samples)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return len(rows)
+    return write_jsonl(training_rows(samples), path)
 
 
 __all__ = ["FORMATS", "training_rows", "write_multisession"]

@@ -20,14 +20,12 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from ..evaluation import EvalSettings
 from ..evaluation.ladder import make_ladder
 from ..evaluation.report import levels_table, plot_results, plot_training_curve, write_json, write_run_results
 from ..interop.base_models import load_base_model
 from ..training.climb import DEFAULT_PLAN, ClimbPlan, climb_recipe, load_plan, train_plan
 from ._args import ArgumentParser, parse_levels
-from .demo import evaluate_levels
-from .eval import TRAINING_INFO_FILE
+from .demo import evaluate_levels, recipe_eval_settings, save_trained_adapter
 
 
 def climb_targets(levels: Mapping[str, Mapping[str, Any]]) -> dict[str, bool]:
@@ -122,26 +120,23 @@ def run_climb(args: argparse.Namespace) -> dict[str, Any]:
         clock=args.clock,
         save_dir=output / "stages",
     )
-    _print(
-        f"trained {trained.steps} steps in {trained.train_seconds / 60:.1f} min (+{trained.probe_seconds:.0f} s probes)"
+    training_info = save_trained_adapter(
+        model,
+        output,
+        recipe,
+        trained,
+        {
+            "plan": str(args.plan),
+            "init_adapter": args.init_adapter,
+            "stages": [
+                {"levels": list(s.levels), "fact_types": list(s.fact_types or []) or "all", "steps": s.steps}
+                for s in plan.stages
+            ],
+            "clock": args.clock,
+            "recipe": plan.recipe,
+            "recipe_overrides": [*plan.overrides, *args.recipe_overrides],
+        },
     )
-    model.save_pretrained(output / "adapter")
-    training_info = {
-        "write_pass_reads": recipe.training.write_pass_reads,
-        "recent_messages": recipe.training.recent_messages,
-        "plan": str(args.plan),
-        "init_adapter": args.init_adapter,
-        "stages": [
-            {"levels": list(s.levels), "fact_types": list(s.fact_types or []) or "all", "steps": s.steps}
-            for s in plan.stages
-        ],
-        "steps": trained.steps,
-        "train_seconds": trained.train_seconds,
-        "clock": args.clock,
-        "recipe": plan.recipe,
-        "recipe_overrides": [*plan.overrides, *args.recipe_overrides],
-    }
-    write_json(training_info, output / "adapter" / TRAINING_INFO_FILE)
     training = {**training_info, "curve": trained.curve, "log_history": trained.log_history}
     if trained.curve:
         plot_training_curve(trained.curve, output / "training_curve.png", title="Climb: training-time curve")
@@ -150,13 +145,7 @@ def run_climb(args: argparse.Namespace) -> dict[str, Any]:
         return {"training": training}
 
     _print("== 3/4 evaluation: memory-only protocol (docs/design.md §7) ==")
-    settings = EvalSettings(
-        write_pass_reads=recipe.training.write_pass_reads,
-        chat_template_kwargs=dict(recipe.training.chat_template_kwargs or {}),
-        progress=not args.no_progress,
-        seed=args.seed,
-        generate=not args.forced_choice_only,
-    )
+    settings = recipe_eval_settings(recipe, args, generate=not args.forced_choice_only)
     levels = evaluate_levels(model, tokenizer, eval_levels, n_eval, fact_types=None, settings=settings, seed=args.seed)
     overview = levels_table(levels)
     targets = climb_targets(levels)

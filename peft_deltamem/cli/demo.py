@@ -35,7 +35,14 @@ from ..evaluation.report import (
     write_run_results,
 )
 from ..interop.base_models import load_base_model
-from ..training.timed import DEFAULT_RECIPE, curriculum_stages, level_fact_types, load_recipe, train_curriculum
+from ..training.timed import (
+    DEFAULT_RECIPE,
+    TrainResult,
+    curriculum_stages,
+    level_fact_types,
+    load_recipe,
+    train_curriculum,
+)
 from ._args import ArgumentParser, parse_levels
 from .eval import TRAINING_INFO_FILE
 
@@ -195,6 +202,39 @@ def evaluate_levels(
     return results
 
 
+def save_trained_adapter(
+    model: Any, output: Path, recipe: Any, trained: TrainResult, info: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Report the training, save the adapter to ``output/adapter`` and beside it what evaluating it needs
+    (:data:`~peft_deltamem.cli.eval.TRAINING_INFO_FILE`): the recipe's write pass and recent messages, ``info`` (the
+    command's own settings), the steps and the training time. Returns that record."""
+    _print(
+        f"trained {trained.steps} steps in {trained.train_seconds / 60:.1f} min (+{trained.probe_seconds:.0f} s probes)"
+    )
+    model.save_pretrained(output / "adapter")
+    training_info = {
+        "write_pass_reads": recipe.training.write_pass_reads,
+        "recent_messages": recipe.training.recent_messages,
+        **info,
+        "steps": trained.steps,
+        "train_seconds": trained.train_seconds,
+    }
+    write_json(training_info, output / "adapter" / TRAINING_INFO_FILE)
+    return training_info
+
+
+def recipe_eval_settings(recipe: Any, args: argparse.Namespace, **settings: Any) -> EvalSettings:
+    """The evaluation settings of an adapter trained with ``recipe``: its write pass and chat template arguments, the
+    command's ``--seed`` and ``--no-progress``, and any other :class:`EvalSettings` field in ``settings``."""
+    return EvalSettings(
+        write_pass_reads=recipe.training.write_pass_reads,
+        chat_template_kwargs=dict(recipe.training.chat_template_kwargs or {}),
+        progress=not args.no_progress,
+        seed=args.seed,
+        **settings,
+    )
+
+
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Everything ``deltamem demo`` does (see the module docstring); returns what it writes to ``results.json``."""
 
@@ -231,32 +271,24 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         probe_every=args.probe_every,
         clock=args.clock,
     )
-    _print(
-        f"trained {trained.steps} steps in {trained.train_seconds / 60:.1f} min (+{trained.probe_seconds:.0f} s probes)"
+    training_info = save_trained_adapter(
+        model,
+        output,
+        recipe,
+        trained,
+        {
+            "level": args.level,
+            "train_levels": train_levels,
+            "stages": [{"levels": list(levels), "minutes": minutes} for levels, minutes in stages],
+            "fact_types": list(fact_types or []),
+            "clock": args.clock,
+            "recipe": str(args.recipe),
+            "recipe_overrides": list(args.recipe_overrides),
+        },
     )
-    model.save_pretrained(output / "adapter")
-    training_info = {
-        "write_pass_reads": recipe.training.write_pass_reads,
-        "recent_messages": recipe.training.recent_messages,
-        "level": args.level,
-        "train_levels": train_levels,
-        "stages": [{"levels": list(levels), "minutes": minutes} for levels, minutes in stages],
-        "fact_types": list(fact_types or []),
-        "steps": trained.steps,
-        "train_seconds": trained.train_seconds,
-        "clock": args.clock,
-        "recipe": str(args.recipe),
-        "recipe_overrides": list(args.recipe_overrides),
-    }
-    write_json(training_info, output / "adapter" / TRAINING_INFO_FILE)
 
     _print("== 3/5 evaluation: memory-only protocol (docs/design.md §7) ==")
-    settings = EvalSettings(
-        write_pass_reads=recipe.training.write_pass_reads,
-        chat_template_kwargs=dict(recipe.training.chat_template_kwargs or {}),
-        progress=not args.no_progress,
-        seed=args.seed,
-    )
+    settings = recipe_eval_settings(recipe, args)
     levels = evaluate_levels(
         model, tokenizer, eval_levels, args.n_eval, fact_types=fact_types, settings=settings, seed=args.seed
     )

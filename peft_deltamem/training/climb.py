@@ -210,11 +210,7 @@ def train_plan(
             probe_at_start=index == 0,
             probe_start=(total.steps, total.train_seconds / 60.0),
         )
-        total.curve += [{**point, "stage": index} for point in result.curve]
-        total.log_history += [{**row, "stage": index} for row in result.log_history]
-        total.steps += result.steps
-        total.train_seconds = round(total.train_seconds + result.train_seconds, 1)
-        total.probe_seconds = round(total.probe_seconds + result.probe_seconds, 1)
+        total.add_stage(index, result)
         if save_dir is not None:
             model.save_pretrained(Path(save_dir) / f"stage-{index + 1}")
     return model, total

@@ -150,6 +150,15 @@ class TrainResult:
     curve: list[dict[str, float]] = field(default_factory=list)
     log_history: list[dict[str, Any]] = field(default_factory=list)
 
+    def add_stage(self, index: int, stage: TrainResult) -> None:
+        """Join curriculum stage ``index``'s result onto this one: its curve points and log rows tagged with
+        ``stage``, its steps and seconds added."""
+        self.curve += [{**point, "stage": index} for point in stage.curve]
+        self.log_history += [{**row, "stage": index} for row in stage.log_history]
+        self.steps += stage.steps
+        self.train_seconds = round(self.train_seconds + stage.train_seconds, 1)
+        self.probe_seconds = round(self.probe_seconds + stage.probe_seconds, 1)
+
 
 # --------------------------------------------------------------------------------------------------------- training
 
@@ -283,9 +292,5 @@ def train_curriculum(
             probe_start=(total.steps, total.train_seconds / 60.0),
             **train_kwargs,
         )
-        total.curve += [{**point, "stage": index} for point in stage.curve]
-        total.log_history += [{**row, "stage": index} for row in stage.log_history]
-        total.steps += stage.steps
-        total.train_seconds = round(total.train_seconds + stage.train_seconds, 1)
-        total.probe_seconds = round(total.probe_seconds + stage.probe_seconds, 1)
+        total.add_stage(index, stage)
     return model, total

@@ -78,29 +78,20 @@ def _segments(t_len: int, chunk: int, seg: int) -> list[tuple[int, int, int]]:
     return pieces
 
 
-def _plain_segment(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    keep: torch.Tensor,
-    erase: torch.Tensor,
-    write: torch.Tensor,
-    s: torch.Tensor,
-    chunk: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _plain_segment(inputs: Sequence[torch.Tensor], s: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The plain form over a segment of whole chunks (float32, plain differentiable torch ops): per-row decays as
     cumulative products, per-row systems solved chunk by chunk.
 
-    ``q, k, v`` [N, L, r]; gates [N, L, 1 or r]; ``s`` [N, r, r]; L a multiple of ``chunk``. Returns
-    ``(reads [N, L, r], state after the segment)``.
+    ``inputs`` are ``q, k, v`` [N, L, r] and the gates ``keep, erase, write`` [N, L, 1 or r]; ``s`` [N, r, r]; L a
+    multiple of ``chunk``. Returns ``(reads [N, L, r], state after the segment)``.
     """
-    n, length, r = q.shape
+    n, length, r = inputs[0].shape
     nc = length // chunk
 
     def chunks(x: torch.Tensor) -> torch.Tensor:  # [N, L, f] -> [N, nc, C, f]
         return x.reshape(n, nc, chunk, x.shape[-1])
 
-    q, k, v, keep, erase, write = (chunks(x) for x in (q, k, v, keep, erase, write))
+    q, k, v, keep, erase, write = (chunks(x) for x in inputs)
     # Per-row gate sequences [N, nc, g, C]; g = 1 broadcasts over the r rows in everything below.
     keep_rows, erase_rows = keep.transpose(-1, -2), erase.transpose(-1, -2)
     shared_decay = keep_rows.shape[2] == 1  # D is the same for all rows
@@ -362,7 +353,7 @@ def _run_segments(
 
     def run_plain(start: int, length: int, c: int, s: torch.Tensor) -> torch.Tensor:
         piece = [t[:, start : start + length] for t in inputs]
-        piece_reads, s_next = _plain_segment(*piece, s, c)
+        piece_reads, s_next = _plain_segment(piece, s, c)
         pieces.append(("plain", start, length, c, s) if save else ("plain", start, length, c))
         reads.append(piece_reads)
         return s_next
@@ -423,10 +414,13 @@ class _ChunkedScan(torch.autograd.Function):
                         grad[:, span] = span_grad.flatten(1, 2) if i < 2 else _uncut(span_grad)  # q, k token-major
             else:
                 span = slice(start, start + length)
-                leaves = [t[:, span].detach().requires_grad_() for t in inputs] + [saved[0].detach().requires_grad_()]
+                leaves = [t[:, span].detach().requires_grad_() for t in inputs]
+                s_leaf = saved[0].detach().requires_grad_()
                 with torch.enable_grad():
-                    piece_reads, s_end = _plain_segment(*leaves, chunk)
-                *span_grads, d_state = torch.autograd.grad((piece_reads, s_end), leaves, (d_reads[:, span], d_state))
+                    piece_reads, s_end = _plain_segment(leaves, s_leaf, chunk)
+                *span_grads, d_state = torch.autograd.grad(
+                    (piece_reads, s_end), [*leaves, s_leaf], (d_reads[:, span], d_state)
+                )
                 for grad, span_grad in zip(grads, span_grads, strict=True):
                     grad[:, span] = span_grad
         needed = [g if wanted else None for g, wanted in zip(grads, ctx.needs_input_grad, strict=False)]

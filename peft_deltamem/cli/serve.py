@@ -166,6 +166,21 @@ def _engine(args: argparse.Namespace, model_id: str) -> Any:
     )
 
 
+def _prompt_limit(engine: Any, limit: int) -> int:
+    """``--max-prompt-tokens``, lowered to what the engine can run (vLLM refuses prompts over its max_model_len)."""
+    most = getattr(engine, "max_model_len", None)
+    if most is not None and limit >= most:
+        logging.getLogger("peft_deltamem.serving").warning(
+            "--max-prompt-tokens %d is lowered to %d: the vLLM engine's max_model_len is %d (prompt + answer); "
+            "raise it with --vllm-option max_model_len=N",
+            limit,
+            most - 1,
+            most,
+        )
+        return most - 1
+    return limit
+
+
 def build_app(args: argparse.Namespace) -> Any:
     """Load the model and build the app ``args`` describe (without running it); :class:`SetupError` if it cannot."""
     from ..serving.app import ServerConfig, create_app
@@ -177,7 +192,7 @@ def build_app(args: argparse.Namespace) -> Any:
         api_keys=api_keys(args),
         max_body_bytes=args.max_body_bytes,
         max_messages=args.max_messages,
-        max_prompt_tokens=args.max_prompt_tokens,
+        max_prompt_tokens=_prompt_limit(engine, args.max_prompt_tokens),
         max_tokens_limit=args.max_tokens_limit,
         max_open_streams=args.max_open_streams,
     )

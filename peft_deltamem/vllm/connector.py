@@ -65,6 +65,10 @@ class DeltaMemConnectorMetadata(KVConnectorMetadata):
     early_saves: list[_Transfer] = field(default_factory=list)  # requests whose last token this step produces
     read_only: dict[int, set[int]] = field(default_factory=dict)  # group -> slots
     unwritten: dict[int, dict[int, list[tuple[int, int]]]] = field(default_factory=dict)  # group -> slot -> ranges
+    # Set by the worker once it has loaded `loads` into their slots: a load applied twice would undo the step's
+    # writes. On the object itself, not by id(): a step's metadata is a new object whose id may be the freed
+    # previous one's, which skipped that step's loads (the request then started from a stale slot).
+    loads_applied: bool = False
 
 
 @dataclass
@@ -101,7 +105,6 @@ class DeltaMemConnector(KVConnectorBase_V1, SupportsHMA):
         self._layers: list[DeltaMemStateLayer] | None = None
         self._bound: DeltaMemConnectorMetadata | None = None
         self._step: dict[int, StepRequests] = {}
-        self._loaded_for: int | None = None  # id() of the metadata whose loads were applied
         self._saved: set[str] = set()
 
     # ================================================================================================================
@@ -234,9 +237,9 @@ class DeltaMemConnector(KVConnectorBase_V1, SupportsHMA):
 
     def _apply_loads(self) -> None:
         meta = self._bound
-        if meta is None or not meta.loads or self._loaded_for == id(meta):
+        if meta is None or not meta.loads or meta.loads_applied:
             return
-        self._loaded_for = id(meta)
+        meta.loads_applied = True
         for transfer in meta.loads:
             memory = MemoryState.load(transfer.path)
             for layer in self._state_layers():

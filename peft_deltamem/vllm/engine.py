@@ -121,7 +121,6 @@ class VllmEngine(TokenizerEngine):
         self.eos_ids = list(dict.fromkeys(eos))  # as TransformersEngine: the answer ends at any of them
         settings: dict[str, Any] = dict(
             model=str(self.checkpoint),
-            skip_tokenizer_init=True,  # prompts arrive as token ids and answers are decoded here, as the other engine
             kv_transfer_config=kv_transfer_config(),
             enable_prefix_caching=False,  # a δ-mem state depends on the memory a request starts from
             max_num_seqs=max(1, int(max_batch_size)),
@@ -135,6 +134,7 @@ class VllmEngine(TokenizerEngine):
             shutil.rmtree(self._dir, ignore_errors=True)
             raise
         self._engine = self.llm.llm_engine
+        self.max_model_len = int(self._engine.model_config.max_model_len)  # the longest prompt + answer vLLM runs
         self._ids = itertools.count()
         self._requests: dict[str, _Request] = {}
         self._queue: queue.Queue = queue.Queue()
@@ -249,6 +249,7 @@ class VllmEngine(TokenizerEngine):
             max_tokens=1,
             temperature=0.0,
             ignore_eos=True,  # so it ends by its length: saved in the step that ends it
+            detokenize=False,
             extra_args={"kv_transfer_params": memory_request(load, request.files[-1], unwritten=unwritten)},
         )
         self._engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(seg.input_ids[:start])), params)
@@ -268,6 +269,7 @@ class VllmEngine(TokenizerEngine):
         params = SamplingParams(
             max_tokens=p.max_tokens,
             stop_token_ids=self.eos_ids,  # stop strings are found here, in the decoded text (see _update)
+            detokenize=False,  # prompts arrive as token ids and answers are decoded here, as the other engine does
             extra_args={"kv_transfer_params": memory_request(load, read_only=True)},
             **sampling,
         )

@@ -114,6 +114,9 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm-serve")
     tokenizer = qwen3_tokenizer()
     base = tiny_model("qwen3", vocab_size=len(tokenizer), **GEOMETRY["qwen3"])
+    assert base.lm_head.weight is not base.get_input_embeddings().weight
+    with torch.no_grad():  # a random model's logits are nearly flat: float noise would flip greedy near-ties
+        base.lm_head.weight.mul_(30)
     base.save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
     model = get_peft_model(base, DeltaMemConfig(task_type="CAUSAL_LM", r=8, delta_heads=["q", "k", "v", "o"]))
@@ -133,10 +136,8 @@ def chat(client, messages, session_id, **kwargs):
     return client.chat.completions.create(
         model="tiny",
         messages=messages,
-        max_tokens=6,
-        temperature=0,
-        extra_body={"session_id": session_id},
-        **kwargs,
+        extra_body={"session_id": session_id} if session_id else None,
+        **{"max_tokens": 6, "temperature": 0, **kwargs},
     )
 
 
@@ -199,6 +200,27 @@ def test_an_edited_turn_rewinds(setup) -> None:
     assert max_difference(server.memory("rewind"), original) < TOLERANCE
 
 
+def test_stop_strings_seeds_and_limits(setup) -> None:
+    """A stop string cuts the answer as the transformers engine does; a seed repeats a sampled answer; a prompt over
+    the engine's max_model_len is a 400, not a failed request."""
+    _, _, server = setup
+    client, messages = server.client(), [SYSTEM, {"role": "user", "content": "Say something long."}]
+    full = chat(client, messages, None).choices[0].message.content
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert len(full) >= 4 and stop.strip(), full
+    cut = chat(client, messages, None, stop=[stop]).choices[0]
+    assert (cut.message.content, cut.finish_reason) == (full[: full.find(stop)].strip(), "stop")
+    sampled = [chat(client, messages, None, temperature=1.0, seed=7).choices[0].message.content for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "word " * 600}], "max_tokens": 2},
+        headers=AUTH,
+        timeout=60,
+    )
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+
+
 def _conversation(session: int, turns: int) -> list[dict]:
     messages = [SYSTEM]
     for t in range(turns):
@@ -207,8 +229,9 @@ def _conversation(session: int, turns: int) -> list[dict]:
 
 
 def test_concurrent_sessions_each_get_what_they_get_alone(setup) -> None:
-    """Six sessions asked at once (batched by vLLM) answer and remember exactly what each does alone."""
-    _, _, server = setup
+    """Six sessions asked at once (batched by vLLM) answer and remember exactly what each does alone, and their
+    memories are this package's (each write starts from the memory its session saved last)."""
+    model, tokenizer, server = setup
     client = server.client()
 
     def ask(session: int, prefix: str) -> tuple[str, MemoryState]:
@@ -218,9 +241,11 @@ def test_concurrent_sessions_each_get_what_they_get_alone(setup) -> None:
     with cf.ThreadPoolExecutor(6) as pool:
         together = list(pool.map(lambda s: ask(s, "together-"), range(6)))
     alone = [ask(s, "alone-") for s in range(6)]
-    for (text, memory), (text_alone, memory_alone) in zip(together, alone, strict=True):
+    for session, ((text, memory), (text_alone, memory_alone)) in enumerate(zip(together, alone, strict=True)):
+        expected = reference(model, tokenizer, plan_window(_conversation(session, 4), KEEP_LAST).groups)
+        assert max_difference(memory, expected) < TOLERANCE
+        assert max_difference(memory_alone, expected) < TOLERANCE
         assert text == text_alone
-        assert max_difference(memory, memory_alone) < TOLERANCE
     assert len({text for text, _ in alone}) > 1  # the sessions differ, so equality means something
     metrics = httpx.get(f"{server.url}/metrics", headers=AUTH).text
     single = _metric(metrics, 'deltamem_batch_size_bucket{le="1.0"}')

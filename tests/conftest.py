@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test`` runs 2 workers), each worker and the processes it starts use its share of the
+    cores: the tests' torch work is mostly tiny ops, which several threads per process on busy cores make many times
+    slower, and the workers already use every core between them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # for the subprocesses the tests start
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

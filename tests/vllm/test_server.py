@@ -25,7 +25,7 @@ from peft import get_peft_model
 from peft_deltamem import DeltaMemConfig, MemoryState
 from peft_deltamem.chat.session import MemorySession
 from peft_deltamem.cli.serve import main as serve_main
-from peft_deltamem.serving.store import memory_from_bytes
+from peft_deltamem.serving.store import memory_from_bytes, memory_to_bytes
 from peft_deltamem.serving.window import group_hashes, plan_window, write_messages
 from tests.helpers.chat_fixtures import qwen3_tokenizer
 from tests.helpers.serving import free_port
@@ -175,6 +175,15 @@ def test_a_drop_in_conversation_equals_a_memory_session(setup) -> None:
         conversation.append({"role": "assistant", "content": answer_text})
     info = httpx.get(f"{server.url}/v1/sessions/drop-in", headers=AUTH).json()
     assert info["messages_in_memory"] == len(plan_window(conversation[:-1], KEEP_LAST).written) > 0
+    # A memory MemorySession saved imports into the vLLM server (the engines' memories are interchangeable) ...
+    url = f"{server.url}/v1/sessions/imported/memory"
+    assert httpx.put(url, content=memory_to_bytes(session.memory), headers=AUTH).status_code == 200
+    assert max_difference(server.memory("imported"), session.memory) == 0.0
+    # ... and another adapter's memory does not.
+    other = session.memory.clone()
+    other.adapter_config = {**other.adapter_config, "r": 16}
+    response = httpx.put(url, content=memory_to_bytes(other), headers=AUTH)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "adapter_mismatch"
 
 
 def test_an_edited_turn_rewinds(setup) -> None:

@@ -119,22 +119,9 @@ def completion_body(
     session_id: str | None,
 ) -> dict[str, Any]:
     """A ``chat.completion`` object."""
-    return {
-        "id": id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-        ],
-        "usage": usage(prompt_tokens, completion_tokens),
-        "session_id": session_id,
-    }
+    choice = {"message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+    body = _chat_object("chat.completion", id, created, model, [choice], usage(prompt_tokens, completion_tokens))
+    return {**body, "session_id": session_id}
 
 
 def chunk_body(
@@ -148,12 +135,20 @@ def chunk_body(
     choices: bool = True,
 ) -> dict[str, Any]:
     """A ``chat.completion.chunk`` object (one server-sent event)."""
+    choice = {"delta": delta, "finish_reason": finish_reason}
+    return _chat_object("chat.completion.chunk", id, created, model, [choice] if choices else [], usage_)
+
+
+def _chat_object(
+    kind: str, id: str, created: int, model: str, choices: list[dict[str, Any]], usage_: dict[str, int] | None
+) -> dict[str, Any]:
+    """The fields every chat object shares, in OpenAI's order; each choice gets ``index`` and ``logprobs``."""
     return {
         "id": id,
-        "object": "chat.completion.chunk",
+        "object": kind,
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}] if choices else [],
+        "choices": [{"index": i, **c, "logprobs": None} for i, c in enumerate(choices)],
         "usage": usage_,
     }
 

@@ -146,10 +146,13 @@ def _held_back(text: str, stop: Sequence[str]) -> str:
 
 
 class TokenizerEngine(Engine):
-    """The parts of an engine that only need a Hugging Face tokenizer: prompts, answer text, memory checks.
+    """What every engine of this package shares: prompts, answer text and memory checks from a Hugging Face
+    tokenizer, and one worker thread that runs the model calls, fed through a queue.
 
-    A subclass sets ``tokenizer``, ``chat_template_kwargs``, ``eos_ids`` (the ids that end an answer) and
-    ``template`` (an empty memory of its adapter, sized: one row). Every engine renders prompts and turns tokens into
+    A subclass sets ``tokenizer``, ``chat_template_kwargs``, ``eos_ids`` (the ids that end an answer, see
+    :meth:`_end_ids`) and ``template`` (an empty memory of its adapter, sized: one row), then calls
+    :meth:`_start_worker`; its ``_run`` takes ``(kind, payload, future)`` items off ``_queue`` ("write", "generate",
+    then one "stop") and finishes what it holds before returning. Every engine renders prompts and turns tokens into
     answer text the same way, so an answer is the same text whichever engine generated its tokens.
     """
 
@@ -157,6 +160,36 @@ class TokenizerEngine(Engine):
     chat_template_kwargs: dict[str, Any]
     eos_ids: list[int]
     template: MemoryState
+    _join_timeout_s: float = 60.0  # how long shutdown waits for the worker to finish its work
+
+    @staticmethod
+    def _end_ids(generation_eos: int | Sequence[int] | None, tokenizer: Any) -> list[int]:
+        """The ids that end an answer: the generation config's end-of-sequence ids, then the tokenizer's, once each."""
+        ids = [] if generation_eos is None else [generation_eos] if isinstance(generation_eos, int) else generation_eos
+        return list(dict.fromkeys([*ids, *([] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id])]))
+
+    def _start_worker(self, name: str) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def submit_write(self, memory: MemoryState | None, messages: Sequence[Mapping[str, Any]]) -> Future:
+        future: Future = Future()
+        self._queue.put(("write", (memory, [dict(m) for m in messages]), future))
+        return future
+
+    def submit_generate(self, job: GenerationJob) -> Future:
+        self._queue.put(("generate", job, job.future))
+        return job.future
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._queue.put(("stop", None, None))
+        self._thread.join(timeout=self._join_timeout_s)
 
     def check_memory(self, memory: MemoryState) -> str | None:
         if memory.layout != self.template.layout:
@@ -228,20 +261,13 @@ class TransformersEngine(TokenizerEngine):
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.max_batch_size, self.max_wait_s = max(1, int(max_batch_size)), max(0.0, float(max_wait_s))
         self.device = next(model.parameters()).device
-        eos = model.generation_config.eos_token_id
-        eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
-        if tokenizer.eos_token_id is not None:
-            eos.append(tokenizer.eos_token_id)
-        self.eos_ids = list(dict.fromkeys(eos))
+        self.eos_ids = self._end_ids(model.generation_config.eos_token_id, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.template = self._empty_memory()
         self.batches: deque[int] = deque(maxlen=1024)  # sizes of the latest batches generated
         self.write_batches: deque[int] = deque(maxlen=1024)  # and written
-        self._queue: queue.Queue = queue.Queue()
         self._pending: deque = deque()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="deltamem-engine", daemon=True)
-        self._thread.start()
+        self._start_worker("deltamem-engine")
 
     # ----- helpers -------------------------------------------------------------------------------------------------
     def _empty_memory(self) -> MemoryState:
@@ -250,21 +276,6 @@ class TransformersEngine(TokenizerEngine):
         with torch.no_grad():
             self.model(input_ids=ids, attention_mask=torch.ones_like(ids), memory=memory, memory_write=True)
         return memory.zeros_like()
-
-    # ----- submitting ----------------------------------------------------------------------------------------------
-    def submit_write(self, memory: MemoryState | None, messages: Sequence[Mapping[str, Any]]) -> Future:
-        future: Future = Future()
-        self._queue.put(("write", (memory, [dict(m) for m in messages]), future))
-        return future
-
-    def submit_generate(self, job: GenerationJob) -> Future:
-        self._queue.put(("generate", job, job.future))
-        return job.future
-
-    def shutdown(self) -> None:
-        self._stopping = True
-        self._queue.put(("stop", None, None))
-        self._thread.join(timeout=60)
 
     # ----- the worker ----------------------------------------------------------------------------------------------
     def _next(self, timeout: float | None = None) -> tuple | None:

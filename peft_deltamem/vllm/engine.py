@@ -23,7 +23,6 @@ import os
 import queue
 import shutil
 import tempfile
-import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -94,6 +93,8 @@ class VllmEngine(TokenizerEngine):
         work_dir: where the private directory of memory files is made (default: the system's temporary directory).
     """
 
+    _join_timeout_s = 120.0  # an engine step of a long prompt on CPU can take a while
+
     def __init__(
         self,
         checkpoint: str | os.PathLike,
@@ -115,10 +116,7 @@ class VllmEngine(TokenizerEngine):
             eos = GenerationConfig.from_pretrained(str(self.checkpoint)).eos_token_id
         except OSError:  # no generation_config.json
             eos = None
-        eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
-        if self.tokenizer.eos_token_id is not None:
-            eos.append(self.tokenizer.eos_token_id)
-        self.eos_ids = list(dict.fromkeys(eos))  # as TransformersEngine: the answer ends at any of them
+        self.eos_ids = self._end_ids(eos, self.tokenizer)  # as TransformersEngine: the answer ends at any of them
         settings: dict[str, Any] = dict(
             model=str(self.checkpoint),
             kv_transfer_config=kv_transfer_config(),
@@ -137,24 +135,11 @@ class VllmEngine(TokenizerEngine):
         self.max_model_len = int(self._engine.model_config.max_model_len)  # the longest prompt + answer vLLM runs
         self._ids = itertools.count()
         self._requests: dict[str, _Request] = {}
-        self._queue: queue.Queue = queue.Queue()
         self._failed: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="deltamem-vllm-engine", daemon=True)
-        self._thread.start()
-
-    # ----- submitting ----------------------------------------------------------------------------------------------
-    def submit_write(self, memory: MemoryState | None, messages: Any) -> Future:
-        future: Future = Future()
-        self._queue.put(("write", (memory, [dict(m) for m in messages]), future))
-        return future
-
-    def submit_generate(self, job: GenerationJob) -> Future:
-        self._queue.put(("generate", job, job.future))
-        return job.future
+        self._start_worker("deltamem-vllm-engine")
 
     def shutdown(self) -> None:
-        self._queue.put(("stop", None, None))
-        self._thread.join(timeout=120)
+        super().shutdown()  # the worker finishes what it holds
         core = getattr(self._engine, "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()

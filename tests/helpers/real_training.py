@@ -1,5 +1,5 @@
 """The one real-model training the slow tests share: SmolLM2-135M-Instruct, the demo's CPU recipe, 80 steps on
-recall-ladder level 1 colour facts (tests/conftest.py's session fixture ``trained_smollm2_l1`` runs it once).
+recall-ladder level 1 colour facts (the fixture ``trained_smollm2_l1`` of tests/test_trained_smollm2.py runs it once).
 
 Measured with this setting: the jump from chance to recall comes after 50-80 steps (seed 0, 2 threads: after
 50 steps the own-vs-other gold log-prob gap was only +0.26 nats [+0.17, +0.38]; the demo's L1 run had own-memory

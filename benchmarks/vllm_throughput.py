@@ -164,12 +164,12 @@ def _vllm_runner(plan: dict[str, Any], deltamem: bool):
             extra = {"kv_transfer_params": memory_request(load=plan["memories"][i], read_only=True)}
         return SamplingParams(max_tokens=plan["max_tokens"], temperature=0.0, ignore_eos=True, extra_args=extra)
 
-    def run(mode: str) -> int:
+    def run(mode: str) -> list[list[int]]:
         outs = llm.generate(prompts, [params(mode, i) for i in range(len(prompts))], use_tqdm=False)
         if mode == "write":
             for out in outs:
                 wait_for_saved_memory(out, timeout=600)
-        return sum(len(out.outputs[0].token_ids) for out in outs)
+        return [list(out.outputs[0].token_ids) for out in outs]
 
     return run
 
@@ -189,7 +189,7 @@ def _transformers_runner(plan: dict[str, Any]):
     new = plan["max_tokens"]
 
     @torch.no_grad()
-    def run(mode: str) -> int:
+    def run(mode: str) -> list[list[int]]:
         out = model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -200,7 +200,7 @@ def _transformers_runner(plan: dict[str, Any]):
             memory_write=True,
             pad_token_id=0,
         )
-        return int(out[:, input_ids.shape[1] :].numel())
+        return out[:, input_ids.shape[1] :].tolist()
 
     return run
 
@@ -218,8 +218,9 @@ def worker(name: str, work: Path) -> None:
         command = line.split()
         if command[0] == "run":
             started = time.perf_counter()
-            tokens = run(command[1])
-            answer({"tokens": tokens, "seconds": time.perf_counter() - started})
+            ids = run(command[1])
+            seconds = time.perf_counter() - started
+            answer({"tokens": sum(map(len, ids)), "seconds": seconds, "ids": ids})
         elif command[0] == "memory":
             answer(_peak_rss_mb())
         else:
@@ -267,9 +268,13 @@ class Worker:
 
 
 # ----- the measurement (parent) -------------------------------------------------------------------------------------
-def measure(workers: dict[str, Worker], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Tokens/s of every system per round (after ``warmup`` untimed rounds), the systems' order alternating."""
+def measure(
+    workers: dict[str, Worker], rounds: int, warmup: int = 1
+) -> tuple[dict[str, list[float]], dict[str, list[list[int]]]]:
+    """Tokens/s of every system per round (after ``warmup`` untimed rounds), the systems' order alternating, and the
+    tokens each system generated in the last round."""
     rates: dict[str, list[float]] = {name: [] for name in SYSTEMS}
+    answers: dict[str, list[list[int]]] = {}
     order = list(SYSTEMS)
     for index in range(warmup + rounds):
         done = []
@@ -277,10 +282,24 @@ def measure(workers: dict[str, Worker], rounds: int, warmup: int = 1) -> dict[st
             worker_name, mode = SYSTEMS[name]
             result = workers[worker_name].ask(f"run {mode}")
             done.append(f"{name} {result['tokens'] / result['seconds']:.3g}")
+            answers[name] = result["ids"]
             if index >= warmup:
                 rates[name].append(result["tokens"] / result["seconds"])
         print(f"round {index + 1 - warmup}{' (warm-up)' if index < warmup else ''}, tokens/s: " + "; ".join(done))
-    return rates
+    return rates, answers
+
+
+def agreement(ours: list[list[int]], reference: list[list[int]]) -> dict[str, Any]:
+    """How far two systems' greedy answers to the same requests agree: the share of answers that are identical and
+    the mean length of the common prefix as a share of the answer (1.0 each when every token agrees)."""
+    prefixes = []
+    for a, b in zip(ours, reference, strict=True):
+        same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        prefixes.append(same / max(len(a), len(b), 1))
+    return {
+        "identical": sum(a == b for a, b in zip(ours, reference, strict=True)) / len(ours),
+        "common_prefix": statistics.mean(prefixes),
+    }
 
 
 def ratio_rows(rates: dict[str, list[float]]) -> list[dict[str, Any]]:
@@ -325,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 workers[name] = Worker(name, work)
             start_s = time.perf_counter() - started
             load_start = _timing.load_average()
-            rates = measure(workers, args.rounds)
+            rates, answers = measure(workers, args.rounds)
             load_end = _timing.load_average()
             memory = {name: w.ask("memory") for name, w in workers.items()}
         finally:
@@ -354,6 +373,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "share one engine)",
         f"load average {load_start} at the start, {load_end} at the end; worker starts took {start_s:.0f} s",
     ]
+    # The model check: vLLM + δ-mem answers what this package's own generate answers, request by request (same
+    # prompts, same starting memories, greedy); float32 round-off between the two can only flip near-ties.
+    same = agreement(answers["vllm+deltamem write"], answers["transformers+deltamem write"])
+    notes.append(
+        f"vllm+deltamem write vs transformers+deltamem write, greedy tokens of the last round: {same['identical']:.0%} "
+        f"of the answers identical, common prefix {same['common_prefix']:.0%} of an answer on average"
+    )
     _timing.print_report([*rows, *ratios], columns, notes)
     settings = {name: getattr(args, name) for name in DEFAULTS} | {"threads": args.threads}
     result = {
@@ -365,6 +391,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_average_end": load_end,
         "rows": rows,
         "ratios": ratios,
+        "agreement_with_transformers": same,
     }
     return _timing.save_result(args.out, result)
 

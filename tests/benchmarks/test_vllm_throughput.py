@@ -42,3 +42,10 @@ def test_ratios_pair_the_rounds() -> None:
     assert versus["ratio"] == pytest.approx(2.0) and "met" not in versus
     rates["vllm+deltamem write"] = [70.0, 30.0, 70.0]
     assert bench.ratio_rows(rates)[0]["met"] is False
+
+
+def test_agreement_counts_identical_answers_and_common_prefixes() -> None:
+    bench = load_benchmark("vllm_throughput")
+    same = bench.agreement([[1, 2, 3, 4], [5, 6, 7, 8]], [[1, 2, 3, 4], [5, 6, 0, 8]])
+    assert same == {"identical": 0.5, "common_prefix": pytest.approx((1.0 + 0.5) / 2)}
+    assert bench.agreement([[1, 2]], [[9, 2]]) == {"identical": 0.0, "common_prefix": 0.0}

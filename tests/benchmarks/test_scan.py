@@ -122,7 +122,7 @@ def test_markdown_table_and_peak_memory() -> None:
 
     def hold_256_mib() -> None:
         x = torch.ones(64, 2**20)
-        time.sleep(0.05)  # long enough for the sampler to see it even on a busy machine
+        time.sleep(0.5)  # the sampler (every ~0.5 ms) must get the core at least once; 50 ms missed it under xdist
         x.sum()
 
     peak = timing.peak_memory(hold_256_mib)

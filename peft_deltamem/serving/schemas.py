@@ -65,7 +65,7 @@ def error_body(
 class ChatMessage(BaseModel):
     """One message of the conversation. ``content`` may be a string or a list of text parts."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: str
     content: str | list[dict[str, Any]] | None = None
@@ -73,9 +73,13 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """``POST /v1/chat/completions``; ``session_id`` (an extension, ``extra_body`` in the SDK) picks the memory."""
+    """``POST /v1/chat/completions``; ``session_id`` (an extension, ``extra_body`` in the SDK) picks the memory.
 
-    model_config = ConfigDict(extra="ignore")
+    Strict types, as OpenAI's API and our own OpenAPI schema say: ``"seed": false``, ``"stream": 1`` or
+    ``"max_tokens": 3.5`` are refused (400), not coerced (an integer where a number is asked is a number).
+    """
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     messages: list[ChatMessage]
     model: str | None = None

@@ -97,6 +97,13 @@ def test_sessions_belong_to_the_key_that_created_them(server) -> None:
         ({"messages": HELLO, "n": 2}, 400, "n"),
         ({"messages": HELLO, "max_tokens": 17}, 400, "max_tokens"),
         ({"messages": HELLO, "temperature": 3}, 400, "temperature"),
+        # found by the schema fuzzer: lax validation took false for seed 0; the schema (and OpenAI) say integer
+        ({"messages": HELLO, "seed": False}, 400, "seed"),
+        ({"messages": HELLO, "stream": 1}, 400, "stream"),
+        ({"messages": HELLO, "max_tokens": 2.5}, 400, "max_tokens"),
+        ({"messages": HELLO, "max_tokens": "2"}, 400, "max_tokens"),
+        ({"messages": HELLO, "temperature": True}, 400, "temperature"),
+        ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
         ({"messages": [{"role": "user", "content": "x"}] * 9}, 400, "messages"),
         ({"messages": [{"role": "user", "content": "word " * 300}]}, 400, "messages"),
         ({"messages": [{"role": "user", "content": "x" * 30_000}]}, 413, None),

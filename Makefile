@@ -31,10 +31,11 @@ install: $(STAMP)
 
 # The suite runs on TEST_WORKERS pytest-xdist workers (2 = this machine's cores; the tests' torch work is mostly
 # single-threaded, and tests/conftest.py gives each worker one thread). --dist loadfile hands whole files to the
-# workers: a module's expensive fixture (tests/test_trained_smollm2.py trains SmolLM2) runs once. TEST_WORKERS=0 runs
+# workers: a module's expensive fixture (tests/test_trained_smollm2.py trains SmolLM2) runs once. Files go out in
+# tests/conftest.py's order (modules marked `early` first), not xdist's by-size reordering. TEST_WORKERS=0 runs
 # everything in one process.
 TEST_WORKERS ?= 2
-PYTEST_ARGS := -x -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
+PYTEST_ARGS := -x -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 PYTEST := $(PY) -m pytest $(PYTEST_ARGS)
 
 test: $(STAMP)

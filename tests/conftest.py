@@ -19,6 +19,21 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(threads)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules marked ``early`` first, then the rest by their number of tests, largest first.
+
+    ``make test`` hands whole files to its workers in this order (``--dist loadfile --no-loadscope-reorder``). The
+    ``early`` modules have a setup of minutes (training SmolLM2): started first, they run beside the rest of the suite
+    instead of after it. pytest-xdist's own reordering sorts by test count alone, which put the two-test training module
+    last, where one worker trained alone at one thread while the other core idled.
+    """
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    ordered = sorted(modules.values(), key=lambda group: (group[0].get_closest_marker("early") is None, -len(group)))
+    items[:] = [item for group in ordered for item in group]
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from threads, and on a busy shared machine extra threads make them many times slower.

@@ -34,6 +34,7 @@ from tests.helpers.serving import ServerThread
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.early,  # the training starts first, beside the rest of the suite
     pytest.mark.skipif(bool(missing()), reason=f"needs {missing()} (offline SmolLM2 + training; `make install`)"),
 ]
 

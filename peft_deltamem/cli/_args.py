@@ -26,6 +26,24 @@ class ArgumentParser(argparse.ArgumentParser):
         return dashed + sep + value if dashed in self._option_string_actions else arg
 
 
+def add_conversion_arguments(
+    parser: argparse.ArgumentParser,
+    source: tuple[str, str],
+    base: str,
+    revision: str,
+    dtypes: tuple[str, ...],
+    dtype: str,
+) -> None:
+    """The arguments of a command that turns an adapter into a directory (``convert``, ``export-vllm``): the source
+    positional (name, help), ``out``, ``--base`` and ``--revision`` (their help), ``--dtype`` (choices, the first is
+    the default; its help)."""
+    parser.add_argument(source[0], help=source[1])
+    parser.add_argument("out", help="output directory (written atomically; replaced only on success)")
+    parser.add_argument("--base", default=None, help=base)
+    parser.add_argument("--revision", default=None, help=revision)
+    parser.add_argument("--dtype", choices=dtypes, default=dtypes[0], help=dtype)
+
+
 LADDER_LEVELS = range(1, 8)
 """The ladder's levels: recall 1-5 and the working-style family 6-7 (docs/evaluation.md)."""
 

@@ -21,7 +21,7 @@ from ..interop.convert import (
     convert_reference_adapter,
     export_reference_adapter,
 )
-from ._args import ArgumentParser
+from ._args import ArgumentParser, add_conversion_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,24 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a reference-format δ-mem adapter (delta_mem_config.json + delta_mem_adapter.pt) into a "
         "PEFT adapter directory, or with --to-reference the other way.",
     )
-    parser.add_argument(
-        "src", help="reference adapter directory or Hub repo id (with --to-reference: PEFT adapter dir)"
+    add_conversion_arguments(
+        parser,
+        ("src", "reference adapter directory or Hub repo id (with --to-reference: PEFT adapter dir)"),
+        base="base model name or directory: check shapes against its config and record it",
+        revision="Hub revision of SRC (branch, tag or commit)",
+        dtypes=("float32", "bfloat16"),
+        dtype="tensor dtype of an export (the released adapters use bfloat16)",
     )
-    parser.add_argument("out", help="output directory (written atomically; replaced only on success)")
-    parser.add_argument(
-        "--base", default=None, help="base model name or directory: check shapes against its config and record it"
-    )
-    parser.add_argument("--revision", default=None, help="Hub revision of SRC (branch, tag or commit)")
     parser.add_argument(
         "--to-reference",
         action="store_true",
         help="export SRC (a PEFT δ-mem adapter directory) to the reference format",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16"),
-        default="float32",
-        help="tensor dtype of an export (the released adapters use bfloat16)",
     )
     return parser
 

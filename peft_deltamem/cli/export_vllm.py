@@ -12,43 +12,38 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TextIO
 
-from ._args import ArgumentParser
+from ._args import ArgumentParser, add_conversion_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``deltamem export-vllm``."""
     parser = ArgumentParser(
         prog="deltamem export-vllm",
-        description="Write a checkpoint directory that vLLM serves with the δ-mem plugin: the base model's "
-        "checkpoint plus the adapter's weights, config.json naming the δ-mem architecture.",
+        description="Write a checkpoint vLLM serves with the δ-mem plugin: the base model's weights plus the adapter's.",
     )
-    parser.add_argument("adapter", help="δ-mem adapter directory or Hub repo id")
-    parser.add_argument("out", help="output directory (written atomically; replaced only on success)")
-    parser.add_argument("--base", default=None, help="base model name or directory (default: the adapter's)")
-    parser.add_argument("--revision", default=None, help="Hub revision of the adapter")
-    parser.add_argument(
-        "--dtype",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        default="auto",
-        help="dtype of the base weights in the checkpoint (the adapter stays float32)",
+    add_conversion_arguments(
+        parser,
+        ("adapter", "δ-mem adapter directory or Hub repo id"),
+        base="base model name or directory (default: the adapter's)",
+        revision="Hub revision of the adapter",
+        dtypes=("auto", "float32", "bfloat16", "float16"),
+        dtype="dtype of the base weights in the checkpoint (the adapter stays float32)",
     )
     return parser
 
 
-def main(argv: list[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run ``deltamem export-vllm``; returns the exit status (0 on success, 1 when the adapter cannot be exported)."""
     args = build_parser().parse_args(argv)
-    out, err = stdout or sys.stdout, stderr or sys.stderr
-    from ..vllm.export import export_vllm_checkpoint
+    from ..vllm.export import export_vllm_checkpoint  # torch and transformers: only once the arguments are good
 
     try:
         path = export_vllm_checkpoint(args.adapter, args.out, args.base, dtype=args.dtype, revision=args.revision)
     except (OSError, ValueError) as exc:
-        print(f"deltamem export-vllm: error: {exc}", file=err)
+        print(f"deltamem export-vllm: error: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {path}", file=out)
+    print(f"wrote {path}")
     return 0
 
 

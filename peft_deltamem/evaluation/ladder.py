@@ -46,14 +46,21 @@ Example = dict[str, Any]
 
 @dataclass(frozen=True)
 class FactType:
-    """One kind of personal fact: its values, how it is stated, updated and asked."""
+    """One kind of personal fact: how it is stated and asked, its values and updates (closed types only).
+
+    An open type (L5) has no value set of its own: its values come from disjoint train/test pools (:func:`value_pool`).
+    """
 
     name: str
-    values: tuple[str, ...]
     statements: tuple[str, ...]
-    updates: tuple[str, ...]
     question: str
-    closed: bool
+    values: tuple[str, ...] = ()
+    updates: tuple[str, ...] = ()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the answer is one of a fixed set of values (L1-L4), as opposed to an open value (L5)."""
+        return bool(self.values)
 
 
 FACT_TYPES: dict[str, FactType] = {
@@ -70,7 +77,6 @@ FACT_TYPES: dict[str, FactType] = {
             "Update: my favourite colour is now {v}.",
         ),
         question="What is my favourite colour? Answer with one word.",
-        closed=True,
     ),
     "weekday": FactType(
         name="weekday",
@@ -85,7 +91,6 @@ FACT_TYPES: dict[str, FactType] = {
             "Update: the dentist rescheduled me to {v}.",
         ),
         question="On which day is my dentist appointment? Answer with one word.",
-        closed=True,
     ),
     "digit": FactType(
         name="digit",
@@ -100,31 +105,25 @@ FACT_TYPES: dict[str, FactType] = {
             "Update: my new lucky number is {v}.",
         ),
         question="What is my lucky number? Answer with one digit.",
-        closed=True,
     ),
+    # open types: values from the L5 pools below
     "name": FactType(
         name="name",
-        values=(),  # open: see _l5_pools
         statements=(
             "My sister's name is {v}.",
             "Please remember: my sister is called {v}.",
             "I have a sister named {v}.",
         ),
-        updates=(),
         question="What is my sister's name? Answer with one word.",
-        closed=False,
     ),
     "code": FactType(
         name="code",
-        values=(),  # open: see _l5_pools
         statements=(
             "Please remember: the locker code is {v}.",
             "My locker code is {v}.",
             "The code for my locker is {v}.",
         ),
-        updates=(),
         question="What is my locker code? Answer with the three digits.",
-        closed=False,
     ),
 }
 
@@ -285,7 +284,7 @@ def make_ladder(
         raise ValueError(f"n must be >= 0, got {n}")
     _check_split(split)
     if level in STYLE_LEVELS:
-        return make_style_examples(level, n, seed=seed, split=split, kinds=fact_types, system=system)
+        return make_style_examples(level, n, seed, split, fact_types, system)
     allowed = OPEN_FACT_TYPES if level == 5 else CLOSED_FACT_TYPES
     types = tuple(fact_types) if fact_types is not None else allowed
     if not types or any(t not in allowed for t in types):

@@ -143,22 +143,15 @@ def style_combinations(level: int, kinds: Sequence[str]) -> list[tuple[str, ...]
 
 
 def make_style_examples(
-    level: int,
-    n: int,
-    *,
-    seed: int = 0,
-    split: str = "train",
-    kinds: Sequence[str] | None = None,
-    system: str | None = None,
+    level: int, n: int, seed: int, split: str, kinds: Sequence[str] | None, system: str | None
 ) -> list[Example]:
     """``n`` working-style conversations of ``level`` (6 or 7); deterministic in ``(level, n, seed, split, kinds)``.
 
     Records have the ladder's fields (``messages``, ``answer`` = the templated target, ``choices`` = None, ``level``,
     ``fact_type`` = the kinds joined by ``+``, ``id``) plus ``preferences``: ``[{"kind", "value"}, ...]``.
-    ``make_ladder(6 or 7, ...)`` calls this, passing its ``fact_types`` as ``kinds``.
+    The entry point is ``make_ladder(6 or 7, ...)``: it checks the level, ``n`` and the split, holds the defaults and
+    passes its ``fact_types`` as ``kinds``.
     """
-    if split not in STYLE_ITEMS:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     kinds = tuple(kinds) if kinds is not None else STYLE_KINDS
     unknown = [k for k in kinds if k not in STYLE_KINDS]
     if not kinds or unknown:

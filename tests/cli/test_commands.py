@@ -62,3 +62,11 @@ def test_ladder_data_cli_writes_the_generator_s_records(tmp_path, capsys):
     with pytest.raises(SystemExit):  # a bad fact type is a usage error, and nothing is written
         main(["--level", "1", "--n", "5", "--fact-types", "name", "--out", str(tmp_path / "bad.jsonl")])
     assert not (tmp_path / "bad.jsonl").exists()
+
+
+def test_export_vllm_names_a_missing_adapter_and_writes_nothing(tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    assert cli.main(["export-vllm", str(tmp_path / "no-adapter"), str(out)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("deltamem export-vllm: error: ") and "no-adapter" in captured.err
+    assert captured.out == "" and not out.exists()

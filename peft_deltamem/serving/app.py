@@ -80,12 +80,12 @@ def _error_param(body: Any, location: tuple[str | int, ...]) -> str | None:
     for part in location:
         if isinstance(part, int) and isinstance(node, list) and 0 <= part < len(node):
             param, node = f"{param}[{part}]", node[part]
-        elif isinstance(part, str) and isinstance(node, dict) and part in node:
-            param, node = f"{param}.{part}" if param else part, node[part]
-        else:
-            # a missing field is named too (``messages`` of ``{}``); the union tag after a present value is not
-            if isinstance(part, str) and isinstance(node, dict):
-                param = f"{param}.{part}" if param else part
+        elif isinstance(part, str) and isinstance(node, dict):
+            param = f"{param}.{part}" if param else part
+            if part not in node:  # a missing field is named too (``messages`` of ``{}``), and nothing after it
+                break
+            node = node[part]
+        else:  # the union tag after a present value: no field of the body
             break
     return param or None
 

@@ -61,14 +61,24 @@ def load(smoke: bool) -> tuple[Any, Any]:
 class Server:
     """The app under uvicorn in a thread on 127.0.0.1 (a context manager)."""
 
-    def __init__(self, model: Any, tokenizer: Any, store: Path, keep_last: int, max_batch_size: int = 8) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        store: Path,
+        keep_last: int,
+        max_batch_size: int = 8,
+        max_wait_ms: float = 30.0,
+    ) -> None:
         import uvicorn
 
         from peft_deltamem.serving.app import ServerConfig, create_app
         from peft_deltamem.serving.engine import TransformersEngine
         from peft_deltamem.serving.store import SessionStore  # noqa: I001
 
-        self.engine = TransformersEngine(model, tokenizer, model_id="bench", max_batch_size=max_batch_size)
+        self.engine = TransformersEngine(
+            model, tokenizer, model_id="bench", max_batch_size=max_batch_size, max_wait_s=max_wait_ms / 1000
+        )
         config = ServerConfig(keep_last=keep_last, max_prompt_tokens=1 << 20, max_messages=1 << 20)
         config.max_body_bytes = 1 << 26
         app = create_app(self.engine, SessionStore(store), config)
@@ -114,12 +124,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def batching(model: Any, tokenizer: Any, tmp: Path, sessions: int, turns: int, max_tokens: int) -> list[dict]:
+def batching(
+    model: Any, tokenizer: Any, tmp: Path, sessions: int, turns: int, max_tokens: int, max_wait_ms: float
+) -> list[dict]:
     """One server per mode, interleaved turn by turn (the order alternating) so that load changes hit both alike."""
     modes = ("one at a time", "concurrent")
     with (
-        Server(model, tokenizer, tmp / "batch-one.db", keep_last=2) as alone,
-        Server(model, tokenizer, tmp / "batch-all.db", keep_last=2) as together,
+        Server(model, tokenizer, tmp / "batch-one.db", keep_last=2, max_wait_ms=max_wait_ms) as alone,
+        Server(model, tokenizer, tmp / "batch-all.db", keep_last=2, max_wait_ms=max_wait_ms) as together,
     ):
         servers = dict(zip(modes, (alone, together), strict=True))
         stats: dict[str, dict[str, Any]] = {m: {"latencies": [], "tokens": 0, "elapsed": 0.0} for m in modes}
@@ -219,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--max-wait-ms", type=float, default=30.0, help="the engines' batch wait (deltamem serve's)")
     parser.add_argument("--per-turn", type=int, nargs="+", default=[10, 50, 200])
     parser.add_argument("--commits", type=int, default=50)
     parser.add_argument(
@@ -232,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         rows = []
         if "batching" in args.parts:
-            rows += batching(model, tokenizer, Path(tmp), args.sessions, args.turns, args.max_tokens)
+            rows += batching(model, tokenizer, Path(tmp), args.sessions, args.turns, args.max_tokens, args.max_wait_ms)
         if "per-turn" in args.parts:
             rows += per_turn(model, tokenizer, Path(tmp), args.per_turn, args.max_tokens)
         if "store" in args.parts:
@@ -253,7 +266,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{args.max_tokens} greedy tokens per answer at most (an answer may end earlier at its end token)",
     ]
     print_report(rows, columns, notes)
-    settings = {k: getattr(args, k) for k in ("sessions", "turns", "max_tokens", "per_turn", "commits", "parts")}
+    settings = {
+        k: getattr(args, k) for k in ("sessions", "turns", "max_tokens", "max_wait_ms", "per_turn", "commits", "parts")
+    }
     result = {"benchmark": "serving", "smoke": args.smoke, "machine": machine, "settings": settings, "rows": rows}
     return save_result(args.out, result)
 

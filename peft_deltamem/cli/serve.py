@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model-name", default=None, help="the model id /v1/models lists (default: adapter name)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="answers generated in one batch (default 8)")
-    parser.add_argument("--max-wait-ms", type=float, default=10.0, help="wait for a batch to fill, ms (default 10)")
+    parser.add_argument(
+        "--max-wait-ms", type=float, default=30.0, help="wait for the next request to join a batch, ms (default 30)"
+    )
     parser.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt (window) in tokens")
     parser.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")

@@ -186,6 +186,11 @@ class _Server:
             raise APIError(404, f"No session {session_id!r}.", param="session_id", code="session_not_found")
 
     # ----- the memory of a request ---------------------------------------------------------------------------------
+    def _commit(self, session_id: str, owner: str, keep: int, new: list[tuple]) -> None:
+        """Commit ``new`` (hash, group, tokens, memory) after the first ``keep`` groups, each with its snapshot."""
+        groups = [WrittenGroup(digest, group, tokens, memory_to_bytes(memory)) for digest, group, tokens, memory in new]
+        self.store.commit(session_id, owner, keep, groups)
+
     async def prepare_memory(self, session_id: str | None, owner: str, groups: list[list[dict]]) -> Any:
         """Rewind to the longest written prefix of ``groups``, write the rest, commit; return the memory (or None)."""
         hashes = group_hashes(groups)
@@ -197,16 +202,17 @@ class _Server:
             memory = memory_from_bytes(snapshot) if snapshot is not None else None
             if keep < len(written):
                 self.metrics.rewinds.inc()
-        new = []
+        new = []  # (hash, group, tokens, memory after it)
         for group, digest in zip(groups[keep:], hashes[keep:], strict=True):
             memory, tokens = await asyncio.wrap_future(self.engine.submit_write(memory, group))
             self.metrics.memory_writes.inc()
             self.metrics.tokens_written.inc(tokens)
-            if session_id is not None:
-                new.append(WrittenGroup(digest, group, tokens, memory_to_bytes(memory)))
+            new.append((digest, group, tokens, memory))
         if session_id is not None and (new or keep < len(written) or not self.store.exists(session_id)):
             try:
-                await asyncio.to_thread(self.store.commit, session_id, owner, keep, new)
+                # Serialising the snapshots runs beside the commit, off the event loop: other sessions' requests
+                # reach the engine meanwhile and share its next batch.
+                await asyncio.to_thread(self._commit, session_id, owner, keep, new)
             except PermissionError as err:
                 raise APIError(
                     404, f"No session {session_id!r}.", param="session_id", code="session_not_found"

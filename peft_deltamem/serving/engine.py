@@ -244,7 +244,7 @@ class TransformersEngine(TokenizerEngine):
         model_id: the name ``/v1/models`` lists.
         chat_template_kwargs: extra arguments for the chat template.
         max_batch_size: the most answers generated in one batch.
-        max_wait_s: how long a generation request waits for others to share its batch.
+        max_wait_s: how long a batch waits for the next request to share it (restarted at every arrival).
     """
 
     def __init__(
@@ -255,7 +255,7 @@ class TransformersEngine(TokenizerEngine):
         model_id: str = "deltamem",
         chat_template_kwargs: Mapping[str, Any] | None = None,
         max_batch_size: int = 8,
-        max_wait_s: float = 0.01,
+        max_wait_s: float = 0.03,
     ) -> None:
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
@@ -307,7 +307,13 @@ class TransformersEngine(TokenizerEngine):
             self._generate_batch(jobs)
 
     def _collect(self, fits: Callable[[tuple], bool]) -> list[tuple]:
-        """Queued items that ``fit`` the batch, arriving within ``max_wait_s`` (others wait in ``_pending``, in order)."""
+        """Queued items that ``fit`` the batch, each arriving within ``max_wait_s`` of the one before (others wait in
+        ``_pending``, in order).
+
+        The wait restarts at every arrival, so a burst of clients that reach the queue a few milliseconds apart (each
+        request is parsed, windowed and looked up in the store first) fills one batch, while a lone request waits
+        ``max_wait_s`` once; ``max_batch_size`` bounds the whole wait.
+        """
         more: list[tuple] = []
         deadline = time.monotonic() + self.max_wait_s
         skipped: list[tuple] = []
@@ -326,6 +332,7 @@ class TransformersEngine(TokenizerEngine):
                 break
             if item[0] != "stop" and fits(item):
                 more.append(item)
+                deadline = time.monotonic() + self.max_wait_s
             else:
                 skipped.append(item)
                 if item[0] == "stop":

@@ -3,6 +3,8 @@ memory what writing it alone gives, for groups of different lengths, memories al
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -82,5 +84,23 @@ def test_the_engine_batches_writes_that_arrive_together() -> None:
         bad, good = (engine.submit_write(None, g) for g in ([{"role": "wizard", "content": "?"}], GROUPS[1]))
         assert isinstance(bad.exception(timeout=120), ValueError)
         assert good.result(timeout=120)[1] == results[1][1]
+    finally:
+        engine.shutdown()
+
+
+def test_a_burst_spread_over_more_than_the_wait_still_shares_one_batch() -> None:
+    # Each arrival restarts the wait: five writes 0.15 s apart (0.6 s from first to last) share one forward under a
+    # 0.4 s wait, as a burst of clients does whose requests reach the engine a few milliseconds apart.
+    tokenizer = chat_fixtures.qwen3_tokenizer()
+    engine = TransformersEngine(served_model(), tokenizer, max_wait_s=0.4)
+    try:
+        engine.submit_write(None, GROUPS[0]).result(timeout=120)  # warm-up, alone
+        futures = []
+        for i in range(5):
+            futures.append(engine.submit_write(None, GROUPS[i % len(GROUPS)]))
+            time.sleep(0.15)
+        for future in futures:
+            future.result(timeout=120)
+        assert list(engine.write_batches)[1:] == [5]
     finally:
         engine.shutdown()

@@ -68,7 +68,7 @@ class Server:
         store: Path,
         keep_last: int,
         max_batch_size: int = 8,
-        max_wait_ms: float = 30.0,
+        max_wait_ms: float = 50.0,
     ) -> None:
         import uvicorn
 
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--max-wait-ms", type=float, default=30.0, help="the engines' batch wait (deltamem serve's)")
+    parser.add_argument("--max-wait-ms", type=float, default=50.0, help="the engines' batch wait (deltamem serve's)")
     parser.add_argument("--per-turn", type=int, nargs="+", default=[10, 50, 200])
     parser.add_argument("--commits", type=int, default=50)
     parser.add_argument(

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-name", default=None, help="the model id /v1/models lists (default: adapter name)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="answers generated in one batch (default 8)")
     parser.add_argument(
-        "--max-wait-ms", type=float, default=30.0, help="wait for the next request to join a batch, ms (default 30)"
+        "--max-wait-ms", type=float, default=50.0, help="wait for the next request to join a batch, ms (default 50)"
     )
     parser.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt (window) in tokens")
     parser.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")

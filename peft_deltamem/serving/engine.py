@@ -255,7 +255,7 @@ class TransformersEngine(TokenizerEngine):
         model_id: str = "deltamem",
         chat_template_kwargs: Mapping[str, Any] | None = None,
         max_batch_size: int = 8,
-        max_wait_s: float = 0.03,
+        max_wait_s: float = 0.05,
     ) -> None:
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.chat_template_kwargs = dict(chat_template_kwargs or {})

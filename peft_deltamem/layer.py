@@ -7,7 +7,8 @@ add the corrections, so any decoder whose attention has ``q_proj/k_proj/v_proj/o
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +44,24 @@ def _stacked_linear(modules: list[nn.Linear], x: torch.Tensor) -> torch.Tensor:
     if len(modules) == 1:
         return modules[0](x)
     weight = torch.cat([m.weight for m in modules])
-    if all(m.bias is None for m in modules):
+    biases = [m.bias for m in modules]
+    if all(b is None for b in biases):
         return F.linear(x, weight)
-    bias = torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in modules])
+    first = next(i for i, b in enumerate(biases) if b is not None)
+    if all(b is not None for b in biases[first:]):
+        # The biased modules (the gates) come last: their biases, zero-padded in front, in one or two ops.
+        tail = biases[first] if first == len(biases) - 1 else torch.cat(biases[first:])
+        bias = F.pad(tail, (sum(m.out_features for m in modules[:first]), 0))
+    else:
+        bias = torch.cat(
+            [m.weight.new_zeros(m.out_features) if b is None else b for m, b in zip(modules, biases, strict=True)]
+        )
     return F.linear(x, weight, bias)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(x, dim=-1)`` (the same numbers) in three ops instead of four: it runs at every layer and token."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 _PENDING_CORRECTION = "_deltamem_correction"
@@ -65,6 +80,24 @@ def _add_pending_correction(module: nn.Module, inputs: tuple, output: torch.Tens
 def _as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # Even a no-op .to() is an operator call; the decode path runs these for every layer and token.
     return x if x.dtype == dtype else x.to(dtype)
+
+
+class _Plan(NamedTuple):
+    """What one adapter's memory step takes from the layer's containers, looked up once instead of at every call.
+
+    Modules, not tensors: a parameter updated in place (an optimiser step, ``load_state_dict``, ``.to()``) is read
+    afresh at every call. Rebuilt whenever the layer's adapters change (:meth:`DeltaMemAttention._forget_plans`).
+    """
+
+    config: DeltaMemConfig
+    inputs: dict[str, nn.Linear]  # the memory's input projections by name, in stacking order (q, k, v, β, λ)
+    heads: tuple[str, ...]  # the correction heads present, in DELTA_HEADS order
+    deltas: tuple[nn.Linear, ...]  # their W_Δ, same order
+    o_norm: nn.Parameter | None
+    scale: nn.Parameter | None  # raw learned scale, None when the scale is the constant config.scale
+
+
+_PLANS = "_deltamem_plans"
 
 
 def state_update_gates(
@@ -120,13 +153,16 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
             setattr(self, name, container if container is not None else nn.ModuleDict())
         # A plain dict, not submodules: the projections are registered once, under the base attention.
         self._projections = projections
-        self._hook_handles = [module.register_forward_hook(_add_pending_correction) for module in projections.values()]
+        # Hooks only on the projections some adapter corrects: a hooked module call takes torch's slower path, at
+        # every layer and token.
+        self._hook_handles: dict[str, Any] = {}
         self.update_layer(adapter_name, config)
         self._active_adapter = adapter_name
 
     # ----- parameters ----------------------------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, config: DeltaMemConfig) -> None:
         """Create (and initialise) the parameters of ``adapter_name`` on this layer."""
+        self._forget_plans()
         projections = find_projections(self.base_layer)
         weight = projections["q"].weight
         factory = {"device": weight.device, "dtype": torch.float32}
@@ -148,6 +184,8 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
             delta = nn.Linear(d, base.shape[0], bias=False, **factory)
             self._init_delta_head(delta.weight, base, config)
             getattr(self, f"deltamem_delta_{head}")[adapter_name] = delta
+            if head not in self._hook_handles:
+                self._hook_handles[head] = projections[head].register_forward_hook(_add_pending_correction)
         if "o" in config.delta_heads and config.delta_o_rmsnorm:
             out = projections["o"].weight.shape[0]
             self.deltamem_delta_o_norm[adapter_name] = nn.Parameter(torch.ones(out, **factory))
@@ -197,10 +235,46 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
         """Remove the projection hooks and return the untouched attention module (merging raises)."""
         if merge:
             self.merge()
-        for handle in self._hook_handles:
+        for handle in self._hook_handles.values():
             handle.remove()
-        self._hook_handles = []
+        self._hook_handles = {}
         return self.base_layer
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete ``adapter_name``'s parameters from this layer (PEFT's contract)."""
+        self._forget_plans()
+        super().delete_adapter(adapter_name)
+
+    # ----- the per-adapter plan ------------------------------------------------------------------------------------
+    def _forget_plans(self) -> None:
+        self.__dict__.pop(_PLANS, None)
+
+    def _plan(self, adapter: str) -> _Plan:
+        """The adapter's :class:`_Plan`, built on first use."""
+        plans = self.__dict__.setdefault(_PLANS, {})
+        plan = plans.get(adapter)
+        if plan is None:
+            inputs = {
+                name: container[adapter]
+                for name, container in (
+                    (_QUERY, self.deltamem_memory_q),
+                    ("k", self.deltamem_memory_k),
+                    ("v", self.deltamem_memory_v),
+                    ("write_gate", self.deltamem_write_gate),
+                    ("keep_gate", self.deltamem_keep_gate),
+                )
+                if adapter in container  # no keep gate when λ = 1 − β
+            }
+            heads = tuple(head for head in DELTA_HEADS if adapter in getattr(self, f"deltamem_delta_{head}"))
+            plan = plans[adapter] = _Plan(
+                config=self.deltamem_config[adapter],
+                inputs=inputs,
+                heads=heads,
+                deltas=tuple(getattr(self, f"deltamem_delta_{head}")[adapter] for head in heads),
+                o_norm=self.deltamem_delta_o_norm[adapter] if adapter in self.deltamem_delta_o_norm else None,
+                scale=self.deltamem_delta_scale[adapter] if adapter in self.deltamem_delta_scale else None,
+            )
+        return plan
 
     def _current_adapter(self) -> str | None:
         """The one active adapter present on this layer, None if adapters are off or absent here."""
@@ -243,33 +317,33 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
     def memory_step(self, adapter: str, hidden_states: torch.Tensor, context: MemoryCallContext) -> torch.Tensor | None:
         """Memory reads o_t [B, T, n·r] for this call (None for a write-only call); the state after the call's writes
         goes to ``context``."""
-        config = self.deltamem_config[adapter]
+        plan = self._plan(adapter)
+        config = plan.config
         batch, length, _ = hidden_states.shape
         heads, r = config.num_state_heads, config.r
-        x = _as_dtype(hidden_states, self.deltamem_memory_q[adapter].weight.dtype)
+        x = _as_dtype(hidden_states, plan.inputs[_QUERY].weight.dtype)
         state = context.initial_state(self.memory_key).reshape(batch * heads, r, r)
         token_mask = context.token_mask  # [B·n, T]
         if heads > 1:
             token_mask = token_mask.repeat_interleave(heads, dim=0)
+        # The scan's mask: None when every token is valid, which skips the masking ops (a mask of all True changes
+        # nothing) at every layer and decoded token.
+        scan_mask = None if context.all_valid else token_mask
         token_writes = context.write and config.write_granularity == "token"
         # One matmul projects every token for what this call does: the query if it reads, the write inputs if it
         # writes tokens (segment writes project segment means instead, below).
         wanted = ((_QUERY,) if context.read else ()) + (_WRITE_INPUTS if token_writes else ())
         projected = self._project(adapter, x, wanted) if wanted else {}
-        q = None
-        if _QUERY in projected:
-            q = self._fold(projected.pop(_QUERY), heads)
-            if config.normalize_qk:
-                q = F.normalize(torch.tanh(q), dim=-1)
+        q = self._fold(projected.pop(_QUERY), heads) if _QUERY in projected else None
 
         if token_writes:
             k, v, keep, erase, write, write_gate = self._write_inputs(adapter, projected)
             # A write-only call has no query: the scan's reads (from k) are discarded.
-            reads, final_state = _scan(config, k if q is None else q, (k, v, keep, erase, write), state, token_mask)
+            reads, final_state = _scan(config, k if q is None else q, (k, v, keep, erase, write), state, scan_mask)
             context.record(self.memory_key, final_state.view(batch, heads, r, r), write_gate, token_mask)
         else:
             # Read-only, message and sentence calls: every token reads the memory as it was before the call.
-            reads = None if q is None else self._read_only(state, q, token_mask)
+            reads = None if q is None else self._read_only(state, q, scan_mask)
         if context.write and not token_writes:
             # message / sentence: one write per segment, from the mean hidden state of its valid tokens, segments in
             # id order.
@@ -282,6 +356,8 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
             context.record(self.memory_key, final_state.view(batch, heads, r, r), write_gate, segment_mask)
         if not context.read:
             return None
+        if heads == 1:  # [B, T, r] already
+            return reads
         return reads.view(batch, heads, length, r).transpose(1, 2).reshape(batch, length, heads * r)
 
     @staticmethod
@@ -298,32 +374,37 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
         )
 
     @staticmethod
-    def _read_only(state: torch.Tensor, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("nvk,ntk->ntv", state, q) * mask.unsqueeze(-1)
+    def _read_only(state: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        reads = torch.einsum("nvk,ntk->ntv", state, q)
+        return reads if mask is None else reads * mask.unsqueeze(-1)
 
     def _project(self, adapter: str, x: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        """``x`` through the named memory input projections (W_mq, W_mk, W_mv, W_β, W_λ) in one matmul."""
-        containers = {
-            _QUERY: self.deltamem_memory_q,
-            "k": self.deltamem_memory_k,
-            "v": self.deltamem_memory_v,
-            "write_gate": self.deltamem_write_gate,
-            "keep_gate": self.deltamem_keep_gate,
-        }
-        names = tuple(name for name in names if adapter in containers[name])  # no keep gate when λ = 1 − β
-        modules = [containers[name][adapter] for name in names]
+        """``x`` through the named memory input projections (W_mq, W_mk, W_mv, W_β, W_λ) in one matmul, by name.
+
+        With ``normalize_qk`` the query and key come back as tanh then L2-normalised per state head (docs/design.md
+        §1); they lead the stack, so both take one tanh and one normalisation.
+        """
+        plan = self._plan(adapter)
+        modules = [plan.inputs[name] for name in names if name in plan.inputs]
+        names = tuple(name for name in names if name in plan.inputs)
         out = _stacked_linear(modules, x)
-        return dict(zip(names, out.split([m.out_features for m in modules], dim=-1), strict=True))
+        sizes = [m.out_features for m in modules]
+        qk = sum(1 for name in names if name in (_QUERY, "k"))  # q and k come first in every stack
+        if plan.config.normalize_qk and qk:
+            width = sum(sizes[:qk])
+            directions = _unit(torch.tanh(out[..., :width].unflatten(-1, (-1, plan.config.r))))
+            parts = directions.flatten(-2).split(sizes[:qk], dim=-1) + out[..., width:].split(sizes[qk:], dim=-1)
+        else:
+            parts = out.split(sizes, dim=-1)
+        return dict(zip(names, parts, strict=True))
 
     def _write_inputs(self, adapter: str, projected: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """k, v and the (keep, erase, write) coefficients of each write, plus β, all folded to [B·n, steps, ·],
         from the write inputs' projections (:meth:`_project`)."""
-        config = self.deltamem_config[adapter]
+        config = self._plan(adapter).config
         heads = config.num_state_heads
-        k = self._fold(projected["k"], heads)
+        k = self._fold(projected["k"], heads)  # normalised by _project
         v = self._fold(projected["v"], heads)
-        if config.normalize_qk:
-            k = F.normalize(torch.tanh(k), dim=-1)
         write_gate = torch.sigmoid(self._fold(projected["write_gate"], heads))  # β
         if config.couple_lambda:
             keep_gate = 1.0 - write_gate  # λ = 1 − β
@@ -352,28 +433,32 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
     def corrections(self, adapter: str, reads: torch.Tensor) -> dict[str, torch.Tensor]:
         """scale · W_Δ o_t for every active correction head, by head (q, k, v, o): one matmul for all heads, then the
         o head optionally RMS-normalised and each optionally scaled by its learned factor."""
-        config = self.deltamem_config[adapter]
-        heads = [head for head in DELTA_HEADS if adapter in getattr(self, f"deltamem_delta_{head}")]
-        modules = [getattr(self, f"deltamem_delta_{head}")[adapter] for head in heads]
-        if not modules:
+        plan = self._plan(adapter)
+        if not plan.deltas:
             return {}
-        dtype = modules[0].weight.dtype
-        if any(m.weight.dtype != dtype for m in modules):  # mixed precisions cannot share one matmul
-            raw = [m(reads.to(m.weight.dtype)) for m in modules]
-        else:
-            stacked = _stacked_linear(modules, _as_dtype(reads, dtype))
-            raw = stacked.split([m.out_features for m in modules], dim=-1)
-        out = {}
-        for head, delta in zip(heads, raw, strict=True):
-            if head == "o" and adapter in self.deltamem_delta_o_norm:
-                norm_weight = self.deltamem_delta_o_norm[adapter]
+        config = plan.config
+        dtype = plan.deltas[0].weight.dtype
+        if any(m.weight.dtype != dtype for m in plan.deltas):  # mixed precisions cannot share one matmul
+            return self._scaled(plan, [m(reads.to(m.weight.dtype)) for m in plan.deltas])
+        stacked = _stacked_linear(list(plan.deltas), _as_dtype(reads, dtype))
+        sizes = [m.out_features for m in plan.deltas]
+        if plan.o_norm is None and plan.scale is None:
+            # One constant scale for every head: one multiply for the stack (the same numbers, per element).
+            return dict(zip(plan.heads, (stacked * config.scale).split(sizes, dim=-1), strict=True))
+        return self._scaled(plan, stacked.split(sizes, dim=-1))
+
+    @staticmethod
+    def _scaled(plan: _Plan, raw: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The heads' raw corrections W_Δ o_t, the o head optionally RMS-normalised, each times its scale."""
+        config, out = plan.config, {}
+        for head, delta in zip(plan.heads, raw, strict=True):
+            if head == "o" and plan.o_norm is not None:
                 rms = torch.rsqrt(delta.float().pow(2).mean(-1, keepdim=True) + config.delta_o_rmsnorm_eps)
-                delta = (delta.float() * rms).to(delta.dtype) * norm_weight
+                delta = (delta.float() * rms).to(delta.dtype) * plan.o_norm
             scale = config.scale
-            if adapter in self.deltamem_delta_scale:
-                raw_scale = self.deltamem_delta_scale[adapter]
-                index = DELTA_HEADS.index(head) if raw_scale.numel() > 1 else 0
-                scale = scale * torch.sigmoid(raw_scale[index]) * config.delta_scale_max
+            if plan.scale is not None:
+                index = DELTA_HEADS.index(head) if plan.scale.numel() > 1 else 0
+                scale = scale * torch.sigmoid(plan.scale[index]) * config.delta_scale_max
             out[head] = delta * scale
         return out
 

@@ -23,6 +23,7 @@ class MemoryCallContext:
 
     memory: MemoryState
     token_mask: torch.Tensor  # [B, T] bool, True for tokens that are read and written
+    all_valid: bool = False  # every entry of token_mask is True (layers then skip the masking)
     write: bool = True
     read: bool = True  # False: a write-only pass, the layers write but add no corrections
     segment_ids: torch.Tensor | None = None  # [B, T] message/sentence ids (−1 = not written), segment writes only

@@ -113,6 +113,8 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
     context = MemoryCallContext(
         memory=memory,
         token_mask=token_mask,
+        # One check per model call, so that the layers skip masking at every layer when no token is padding.
+        all_valid=bool(token_mask.all()),
         write=bool(write),
         read=bool(read),
         segment_ids=_segment_ids(segment_ids, batch, length, tokens.device),

@@ -34,7 +34,7 @@ def recurrent_delta_rule_scan(
     if t == 1:
         # The decode path (one step per generated token): no per-token views.
         read, s = _step(s, q, k, v, keep, erase, write, None if mask is None else mask.reshape(n, 1, 1))
-        return read.to(out_dtype), s
+        return (read if read.dtype == out_dtype else read.to(out_dtype)), s
     steps = zip(
         *(x.split(1, dim=1) for x in (q, k, v, keep, erase, write)),
         mask.reshape(n, t, 1).split(1, dim=1) if mask is not None else (None,) * t,

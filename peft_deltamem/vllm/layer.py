@@ -22,7 +22,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from vllm.config import get_current_vllm_config
 from vllm.forward_context import ForwardContext, get_forward_context
@@ -67,10 +66,12 @@ class DeltaMemStateLayer(nn.Module, MambaBase):
     """
 
     # DeltaMemAttention's math, reused as is: these methods only touch the deltamem_* containers and the config.
+    _plan = DeltaMemAttention._plan
     _project = DeltaMemAttention._project
     _write_inputs = DeltaMemAttention._write_inputs
     _fold = staticmethod(DeltaMemAttention._fold)
     corrections = DeltaMemAttention.corrections
+    _scaled = staticmethod(DeltaMemAttention._scaled)
     adapter_layer_names = DeltaMemAttention.adapter_layer_names
 
     def __init__(
@@ -213,9 +214,7 @@ class DeltaMemStateLayer(nn.Module, MambaBase):
             state[fresh] = 0.0
 
         projected = self._project(ADAPTER, x, (_QUERY, *_WRITE_INPUTS))
-        q = self._fold(projected.pop(_QUERY), heads)
-        if config.normalize_qk:
-            q = F.normalize(torch.tanh(q), dim=-1)
+        q = self._fold(projected.pop(_QUERY), heads)  # normalised by _project
         k, v, keep, erase, write, _ = self._write_inputs(ADAPTER, projected)
         if not bool(writes.all()):
             # A token that is read but not written is the identity step: keep 1, erase 0, write 0.

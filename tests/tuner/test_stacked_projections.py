@@ -1,5 +1,6 @@
 """The memory's input projections and the correction heads run as stacked matmuls (decode speed): the results are
-those of the separate projections, and every change of a parameter is seen at once."""
+those of the separate projections (q and k normalised per state head), and every change of a parameter is seen at
+once."""
 
 from __future__ import annotations
 
@@ -41,7 +42,12 @@ def test_stacked_projections_equal_the_separate_modules(config) -> None:
             ("keep_gate", layer.deltamem_keep_gate),
         ):
             if "default" in container:
-                torch.testing.assert_close(projected[name], container["default"](hidden), rtol=1e-5, atol=1e-5)
+                expected = container["default"](hidden)
+                if name in ("q", "k") and layer.deltamem_config["default"].normalize_qk:
+                    # the memory's query and key directions: tanh, then unit length per state head
+                    per_head = torch.tanh(expected).unflatten(-1, (-1, layer.deltamem_config["default"].r))
+                    expected = torch.nn.functional.normalize(per_head, dim=-1).flatten(-2)
+                torch.testing.assert_close(projected[name], expected, rtol=1e-5, atol=1e-5)
             else:
                 assert name not in projected  # λ = 1 − β: no keep gate
         reads = torch.randn(2, 7, layer.deltamem_memory_q["default"].out_features)

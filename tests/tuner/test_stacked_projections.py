@@ -121,3 +121,44 @@ def test_a_deep_copy_corrects_with_its_own_layers() -> None:
     assert (ours - base).abs().max() > 1e-3  # the memory corrects the copy's output
     torch.testing.assert_close(twin_zeroed, base, rtol=0, atol=1e-6)
     torch.testing.assert_close(again, ours, rtol=0, atol=0)
+
+
+def test_adding_and_deleting_an_adapter_rebuilds_the_plan_and_the_hooks() -> None:
+    """The layer looks its modules up once per adapter and hooks only the projections some adapter corrects: an
+    adapter added later, with other heads, must run its own modules through hooks of its own, and the first adapter
+    must run as before once the second is deleted."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    model = adapted(delta_heads=["q", "o"])
+    layer = next(m for m in model.modules() if isinstance(m, DeltaMemAttention))
+    ids, history = random_ids(1, 5, seed=14), random_ids(1, 6, seed=15)
+
+    def answer(peft_model) -> torch.Tensor:
+        memory = MemoryState()
+        with torch.no_grad():
+            peft_model(input_ids=history, memory=memory)
+            return peft_model(input_ids=ids, memory=memory, memory_write=False).logits
+
+    first = answer(model)  # builds the first adapter's plan
+    assert not layer._projections["k"]._forward_hooks and not layer._projections["v"]._forward_hooks
+    model.add_adapter("kv", DeltaMemConfig(task_type="CAUSAL_LM", delta_heads=["k", "v"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".kv." in name:
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(16)) * 0.5)
+    model.set_adapter("kv")
+    assert layer._projections["k"]._forward_hooks and layer._projections["v"]._forward_hooks
+    twin = get_peft_model(tiny_model("llama", seed=5), DeltaMemConfig(task_type="CAUSAL_LM", delta_heads=["k", "v"]))
+    set_peft_model_state_dict(twin, get_peft_model_state_dict(model, adapter_name="kv"))
+    second = answer(model)
+    torch.testing.assert_close(second, answer(twin.eval()), rtol=0, atol=1e-6)
+    assert (second - first).abs().max() > 1e-3
+    model.set_adapter("default")
+    model.delete_adapter("kv")
+    torch.testing.assert_close(answer(model), first, rtol=0, atol=0)
+    # the same name again, other heads: a plan kept from the deleted adapter would run modules that no longer exist
+    model.add_adapter("kv", DeltaMemConfig(task_type="CAUSAL_LM", delta_heads=["v"], init_delta_heads="random"))
+    model.set_adapter("kv")
+    again = get_peft_model(tiny_model("llama", seed=5), DeltaMemConfig(task_type="CAUSAL_LM", delta_heads=["v"]))
+    set_peft_model_state_dict(again, get_peft_model_state_dict(model, adapter_name="kv"))
+    torch.testing.assert_close(answer(model), answer(again.eval()), rtol=0, atol=1e-6)

@@ -130,10 +130,10 @@ def memory_kwargs(system: str) -> dict[str, Any]:
     return {"memory": MemoryState()} if system == "deltamem" else {}
 
 
-def random_ids(length: int, vocab: int, seed: int) -> torch.Tensor:
-    """[1, length] token ids that avoid the first 3 (special) ids."""
+def random_ids(length: int, vocab: int, seed: int, batch: int = 1) -> torch.Tensor:
+    """[batch, length] token ids that avoid the first 3 (special) ids."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab, (1, length), generator=generator)
+    return torch.randint(3, vocab, (batch, length), generator=generator)
 
 
 # ----- the measured calls ------------------------------------------------------------------------------------------
@@ -211,15 +211,17 @@ def generate(system: str, model: torch.nn.Module, prompt: torch.Tensor, new_toke
     return call
 
 
-def decode_roofline(model: torch.nn.Module, context_tokens: int, gflops: float, gbs: float) -> tuple[float, str]:
-    """The least time of one batch-1 decode step (seconds) and its bound: 2 FLOPs per parameter, every parameter
-    read once (float32; a tied embedding counts once: the LM head reads it whole) plus the KV cache of
-    ``context_tokens`` positions."""
+def decode_roofline(
+    model: torch.nn.Module, context_tokens: int, gflops: float, gbs: float, batch: int = 1
+) -> tuple[float, str]:
+    """The least time of one decode step of ``batch`` sequences (seconds) and its bound: 2 FLOPs per parameter and
+    sequence, every parameter read once (float32; a tied embedding counts once: the LM head reads it whole) plus each
+    sequence's KV cache of ``context_tokens`` positions."""
     config = model.config
     params = sum(p.numel() for p in model.parameters())
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_floats = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * context_tokens
-    return _timing.roofline_s(2.0 * params, 4.0 * (params + kv_floats), gflops, gbs)
+    return _timing.roofline_s(2.0 * params * batch, 4.0 * (params + kv_floats * batch), gflops, gbs)
 
 
 def interleaved_decode(
@@ -339,6 +341,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         default=MEASUREMENTS,
         help="measure only these (default: all)",
     )
+    parser.add_argument(
+        "--decode-batch", type=int, default=1, help="sequences decoded together in decode and generate (default 1)"
+    )
     _timing.add_probe_args(parser, ("PHASE", "SYSTEM"))
     args = _timing.parse_args(parser, argv)
     sizes = _timing.sizes_from_args(args, SMOKE if args.smoke else FULL)
@@ -376,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         prefill_ids = random_ids(sizes["prefill_tokens"], vocab, seed=2)
         prefill_calls = {n: prefill(n, m, prefill_ids) for n, m in models.items()}
         record("prefill_s", _timing.interleaved(prefill_calls, rounds))
-    prompt = random_ids(sizes["decode_prompt"], vocab, seed=3)
+    prompt = random_ids(sizes["decode_prompt"], vocab, seed=3, batch=args.decode_batch)
     if "decode" in args.only:
         decoders = {n: Decoder(n, m, prompt) for n, m in models.items()}
         record("decode_ms_per_token", interleaved_decode(decoders, sizes["decode_steps"], decode_rounds, 4), 1e3)
@@ -385,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         context = sizes["decode_prompt"] + sizes["decode_steps"] // 2  # the mean position of a timed step
         for name in SYSTEMS:
             results[name]["decode_mean_ms_per_token"] = timings["decode_ms_per_token"][name]["mean_s"] * 1e3
-            limit_s, bound = decode_roofline(models[name], context, gflops, gbs)
+            limit_s, bound = decode_roofline(models[name], context, gflops, gbs, args.decode_batch)
             results[name]["decode_limit_ms_per_token"] = limit_s * 1e3
             results[name]["decode_limit_pct"] = 100.0 * limit_s * 1e3 / results[name]["decode_ms_per_token"]
             roofline["decode"][f"{name}_bound"] = bound
@@ -414,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows = table_rows(results)
     load_end = _timing.load_average()
     notes = [
-        f"Batch 1. Training step: {sizes['train_tokens']} tokens, forward + backward of the LM loss + zero_grad; δ-mem"
+        f"Batch 1 (decode and generate: {args.decode_batch}). Training step: {sizes['train_tokens']} tokens, forward + backward of the LM loss + zero_grad; δ-mem"
         " with memory=MemoryState() (writes with gradients); base frozen, backward w.r.t. the input embeddings.",
         f"Prefill: {sizes['prefill_tokens']} tokens, no grad, KV cache, logits_to_keep=1 (δ-mem writes a fresh memory).",
         f"Decode: {sizes['decode_steps']} greedy steps after a {sizes['decode_prompt']}-token prefill, KV cache"
@@ -447,6 +452,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "decode_rounds": decode_rounds,
             "generate_rounds": generate_rounds,
             "memory": memory_method,
+            "decode_batch": args.decode_batch,
         },
         "targets": {phase: {"reference": ref, "max_ratio": limit} for phase, (ref, limit) in TARGETS.items()},
         "notes": notes,

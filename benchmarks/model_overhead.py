@@ -344,9 +344,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--decode-batch", type=int, default=1, help="sequences decoded together in decode and generate (default 1)"
     )
+    parser.add_argument(
+        "--fused-decode",
+        action="store_true",
+        help="δ-mem decodes with the fused C++ step (peft_deltamem.ops.fused; built first, about a minute)",
+    )
     _timing.add_probe_args(parser, ("PHASE", "SYSTEM"))
     args = _timing.parse_args(parser, argv)
     sizes = _timing.sizes_from_args(args, SMOKE if args.smoke else FULL)
+    if args.fused_decode:  # only one-token δ-mem calls without gradients take it: decode and generate
+        from peft_deltamem.ops.fused import enable_fused_decode
+
+        enable_fused_decode()
     if args.probe:
         _timing.print_probe(run_probe(args, sizes))
         return {}
@@ -419,7 +428,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows = table_rows(results)
     load_end = _timing.load_average()
     notes = [
-        f"Batch 1 (decode and generate: {args.decode_batch}). Training step: {sizes['train_tokens']} tokens, forward + backward of the LM loss + zero_grad; δ-mem"
+        f"Batch 1 (decode and generate: {args.decode_batch}; δ-mem decode step"
+        f" {'fused (--fused-decode)' if args.fused_decode else 'eager'}). Training step: {sizes['train_tokens']} tokens, forward + backward of the LM loss + zero_grad; δ-mem"
         " with memory=MemoryState() (writes with gradients); base frozen, backward w.r.t. the input embeddings.",
         f"Prefill: {sizes['prefill_tokens']} tokens, no grad, KV cache, logits_to_keep=1 (δ-mem writes a fresh memory).",
         f"Decode: {sizes['decode_steps']} greedy steps after a {sizes['decode_prompt']}-token prefill, KV cache"
@@ -453,6 +463,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "generate_rounds": generate_rounds,
             "memory": memory_method,
             "decode_batch": args.decode_batch,
+            "fused_decode": args.fused_decode,
         },
         "targets": {phase: {"reference": ref, "max_ratio": limit} for phase, (ref, limit) in TARGETS.items()},
         "notes": notes,

@@ -18,6 +18,8 @@ from torch import nn
 from .config import DELTA_HEADS, DeltaMemConfig
 from .memory.context import CONTEXT_KWARG, MemoryCallContext
 from .ops import delta_rule_scan
+from .ops import fused as fused_decode
+from .ops.fused import fused_decode_enabled
 
 PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
 # Names of the memory's input projections (see DeltaMemAttention._project): the query, and what a write needs.
@@ -95,6 +97,32 @@ class _Plan(NamedTuple):
     deltas: tuple[nn.Linear, ...]  # their W_Δ, same order
     o_norm: nn.Parameter | None
     scale: nn.Parameter | None  # raw learned scale, None when the scale is the constant config.scale
+    fused: _FusedPlan | None  # the fused decode step's fixed arguments; None where it does not apply
+
+
+class _FusedPlan(NamedTuple):
+    """What the fused decode step (:mod:`peft_deltamem.ops.fused`) takes besides the call's tensors, worked out once
+    per adapter: a decode step runs this for every layer and token."""
+
+    modules: tuple[nn.Linear, ...]  # input projections (q, k, v, β[, λ]), then the correction heads
+    inputs: int  # how many of ``modules`` are input projections
+    gates: tuple[nn.Linear, ...]  # β[, λ]: their biases
+    options: tuple  # scale, heads, r, normalize_qk, couple_lambda, mode index, gate width
+    sizes: list[int]  # the correction heads' widths
+
+
+def _fused_plan(config: DeltaMemConfig, inputs: dict[str, nn.Linear], deltas: tuple, o_norm, scale) -> _FusedPlan | None:
+    """The fused decode step's fixed arguments, or None for what it does not compute (segment writes, a
+    learned scale, an RMS-normalised o head)."""
+    if config.write_granularity != "token" or o_norm is not None or scale is not None:
+        return None
+    heads = config.num_state_heads
+    mode = fused_decode.MODES.index(config.state_update_mode)
+    gate_width = inputs["write_gate"].out_features // heads
+    options = (config.scale, heads, config.r, config.normalize_qk, config.couple_lambda, mode, gate_width)
+    gates = tuple(module for name, module in inputs.items() if name in ("write_gate", "keep_gate"))
+    sizes = [m.out_features for m in deltas]
+    return _FusedPlan((*inputs.values(), *deltas), len(inputs), gates, options, sizes)
 
 
 _PLANS = "_deltamem_plans"
@@ -266,13 +294,12 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
                 if adapter in container  # no keep gate when λ = 1 − β
             }
             heads = tuple(head for head in DELTA_HEADS if adapter in getattr(self, f"deltamem_delta_{head}"))
+            config = self.deltamem_config[adapter]
+            deltas = tuple(getattr(self, f"deltamem_delta_{head}")[adapter] for head in heads)
+            o_norm = self.deltamem_delta_o_norm[adapter] if adapter in self.deltamem_delta_o_norm else None
+            scale = self.deltamem_delta_scale[adapter] if adapter in self.deltamem_delta_scale else None
             plan = plans[adapter] = _Plan(
-                config=self.deltamem_config[adapter],
-                inputs=inputs,
-                heads=heads,
-                deltas=tuple(getattr(self, f"deltamem_delta_{head}")[adapter] for head in heads),
-                o_norm=self.deltamem_delta_o_norm[adapter] if adapter in self.deltamem_delta_o_norm else None,
-                scale=self.deltamem_delta_scale[adapter] if adapter in self.deltamem_delta_scale else None,
+                config, inputs, heads, deltas, o_norm, scale, _fused_plan(config, inputs, deltas, o_norm, scale)
             )
         return plan
 
@@ -304,8 +331,9 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
             # keeps the backward pass out of the frozen backbone.
             self.memory_step(adapter, hidden_states.detach(), context)
             return self.base_layer(*args, **kwargs)
-        reads = self.memory_step(adapter, hidden_states, context)
-        corrections = self.corrections(adapter, reads)
+        corrections = self._fused_decode(adapter, hidden_states, context) if fused_decode_enabled() else None
+        if corrections is None:
+            corrections = self.corrections(adapter, self.memory_step(adapter, hidden_states, context))
         for head, delta in corrections.items():
             self._projections[head].__dict__[_PENDING_CORRECTION] = delta
         try:
@@ -359,6 +387,41 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
         if heads == 1:  # [B, T, r] already
             return reads
         return reads.view(batch, heads, length, r).transpose(1, 2).reshape(batch, length, heads * r)
+
+    def _fused_decode(
+        self, adapter: str, hidden_states: torch.Tensor, context: MemoryCallContext
+    ) -> dict[str, torch.Tensor] | None:
+        """Memory step and corrections of one decoded token in one C++ call (:mod:`peft_deltamem.ops.fused`): the
+        corrections by head, the state after the write recorded in ``context``. None where it does not apply (more
+        than one token, no write, gradients wanted, not float32 on the CPU, see also :func:`_fused_plan`): the eager
+        path then runs, having lost nothing (the fused step changes nothing before it returns)."""
+        plan = self._plan(adapter)
+        fused = plan.fused
+        batch, length, _ = hidden_states.shape
+        if fused is None or length != 1 or not context.write or hidden_states.dtype != torch.float32:
+            return None
+        weights = [m.weight for m in fused.modules]
+        if torch.is_grad_enabled() and (hidden_states.requires_grad or any(w.requires_grad for w in weights)):
+            return None
+        scale, heads, r = fused.options[:3]
+        gate_bias = fused.gates[0].bias if len(fused.gates) == 1 else torch.cat([m.bias for m in fused.gates])
+        token_mask = context.token_mask  # [B, 1]
+        outputs = fused_decode.decode_step(
+            hidden_states.view(batch, -1),
+            weights[: fused.inputs],
+            gate_bias,
+            context.initial_state(self.memory_key).reshape(batch * heads, r, r),
+            None if context.all_valid else token_mask.view(batch),
+            weights[fused.inputs :],
+            *fused.options,
+        )
+        if not outputs:  # some tensor is not float32 on the CPU (checked there, at no cost here): the eager path's
+            return None
+        _, final_state, write_gate, stacked = outputs
+        if heads > 1:
+            token_mask = token_mask.repeat_interleave(heads, dim=0)
+        context.record(self.memory_key, final_state.view(batch, heads, r, r), write_gate, token_mask)
+        return dict(zip(plan.heads, stacked.unsqueeze(1).split(fused.sizes, dim=-1), strict=True))
 
     @staticmethod
     def _fold(t: torch.Tensor, heads: int) -> torch.Tensor:

@@ -1,0 +1,167 @@
+// One decode step of a δ-mem layer (docs/design.md §1, one token, token writes, read before write), fused:
+// the memory step and the corrections of the heads.
+//
+// The same arithmetic as the layer's eager path for T = 1 (project, tanh + L2-normalise q and k, sigmoid gates,
+// read S q, then S <- diag(keep) S - diag(erase) (S k) kᵀ + diag(write) v kᵀ), in one call: the eager path spends
+// about forty operator calls per layer and token on vectors of r floats, each costing more than its arithmetic.
+// peft_deltamem/ops/fused.py builds this file on demand and checks it against the eager path in the tests.
+#include <torch/extension.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// State-update coefficients (keep, erase, write) from β and λ; the modes of docs/design.md §1.
+enum Mode : int64_t { kStandard = 0, kLambdaOutside = 1, kNoLambda = 2 };
+
+void unit_tanh(const float* in, float* out, int64_t r, bool normalize) {
+  if (!normalize) {
+    for (int64_t i = 0; i < r; ++i) out[i] = in[i];
+    return;
+  }
+  double squares = 0.0;
+  for (int64_t i = 0; i < r; ++i) {
+    out[i] = std::tanh(in[i]);
+    squares += static_cast<double>(out[i]) * out[i];
+  }
+  // F.normalize: divide by max(norm, 1e-12).
+  const float norm = std::max(static_cast<float>(std::sqrt(squares)), 1e-12f);
+  for (int64_t i = 0; i < r; ++i) out[i] /= norm;
+}
+
+float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+// y[o] = Σ_h w[o, h] x[h] for a row-major [rows, cols] weight: the projections of one token (a few thousand
+// multiply-adds each), in a loop the compiler vectorises, instead of an operator call and a copy to stack them.
+void matvec(const float* w, const float* x, float* y, int64_t rows, int64_t cols, float scale) {
+  for (int64_t o = 0; o < rows; ++o) {
+    const float* w_row = w + o * cols;
+    float partial[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // eight lanes: a vector register
+    int64_t h = 0;
+    for (; h + 8 <= cols; h += 8)
+      for (int lane = 0; lane < 8; ++lane) partial[lane] += w_row[h + lane] * x[h + lane];
+    float sum = ((partial[0] + partial[1]) + (partial[2] + partial[3])) +
+                ((partial[4] + partial[5]) + (partial[6] + partial[7]));
+    for (; h < cols; ++h) sum += w_row[h] * x[h];
+    y[o] = sum * scale;
+  }
+}
+
+// Every row of x [B, in] through the weights in turn, times scale; outputs concatenated: [B, Σ rows].
+torch::Tensor project(const torch::Tensor& x, const std::vector<torch::Tensor>& weights, float scale = 1.0f) {
+  int64_t width = 0;
+  std::vector<torch::Tensor> contiguous;
+  for (const auto& w : weights) {
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1) && w.scalar_type() == torch::kFloat32,
+                "decode_step: every weight must be [out, ", x.size(1), "] float32");
+    contiguous.push_back(w.contiguous());
+    width += w.size(0);
+  }
+  auto out = torch::empty({x.size(0), width}, x.options());
+  for (int64_t row = 0; row < x.size(0); ++row) {
+    float* y = out.data_ptr<float>() + row * width;
+    for (const auto& w : contiguous) {
+      matvec(w.data_ptr<float>(), x.data_ptr<float>() + row * x.size(1), y, w.size(0), w.size(1), scale);
+      y += w.size(0);
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+// x [B, H]; in_weights: the memory's input projections in stacking order (q, k, v, write gate[, keep gate]), each
+// [out, H]; gate_bias: the gates' biases concatenated ([n·g] or [2·n·g]); state [B·n, r, r] float32; valid [B] bool
+// or None (every row valid); delta_weights: the correction heads' W_Δ [out, n·r] (may be empty), applied with
+// ``scale``. Returns (reads [B, n·r], next state [B·n, r, r], β [B·n, 1, g], corrections [B, Σ out] · scale), or
+// nothing if some tensor is not float32 on the CPU.
+std::vector<torch::Tensor> decode_step(torch::Tensor x, std::vector<torch::Tensor> in_weights, torch::Tensor gate_bias,
+                                       torch::Tensor state, c10::optional<torch::Tensor> valid,
+                                       std::vector<torch::Tensor> delta_weights, double scale, int64_t heads,
+                                       int64_t r, bool normalize_qk, bool couple_lambda, int64_t mode,
+                                       int64_t gate_width) {
+  // Float32 CPU tensors only: anything else is the eager path's (an empty result says so, and nothing was changed).
+  auto plain = [](const torch::Tensor& t) { return t.scalar_type() == torch::kFloat32 && t.device().is_cpu(); };
+  if (!plain(x) || !plain(state) || !plain(gate_bias)) return {};
+  for (const auto* list : {&in_weights, &delta_weights})
+    for (const auto& w : *list)
+      if (!plain(w)) return {};
+  TORCH_CHECK(x.dim() == 2, "decode_step: x must be [B, H]");
+  x = x.contiguous();
+  state = state.contiguous();
+  const int64_t batch = x.size(0), d = heads * r, g = gate_width;
+  const int64_t gates = couple_lambda ? 1 : 2;
+  const int64_t width = 3 * d + gates * heads * g;
+  torch::Tensor projected = project(x, in_weights);
+  TORCH_CHECK(projected.size(1) == width, "decode_step: the stacked projections have ", projected.size(1),
+              " outputs, expected ", width);
+  torch::Tensor bias = gate_bias.contiguous();
+  TORCH_CHECK(bias.numel() == gates * heads * g, "decode_step: gate bias has ", bias.numel(), " entries");
+
+  auto reads = torch::empty({batch, d}, x.options());
+  auto next = torch::empty_like(state);
+  auto beta_out = torch::empty({batch * heads, 1, g}, x.options());
+  const bool* valid_ptr = nullptr;
+  torch::Tensor valid_c;
+  if (valid.has_value() && valid->defined()) {
+    valid_c = valid->to(torch::kBool).contiguous();
+    valid_ptr = valid_c.data_ptr<bool>();
+  }
+  const float* y = projected.data_ptr<float>();
+  const float* b = bias.data_ptr<float>();
+  const float* s_all = state.data_ptr<float>();
+  float* s_next_all = next.data_ptr<float>();
+  float* read_all = reads.data_ptr<float>();
+  float* beta_all = beta_out.data_ptr<float>();
+  std::vector<float> q(r), k(r), keep(g), erase(g), write(g), s_k(r);
+
+  for (int64_t row = 0; row < batch; ++row) {
+    const float* y_row = y + row * width;
+    const bool is_valid = valid_ptr == nullptr || valid_ptr[row];
+    for (int64_t head = 0; head < heads; ++head) {
+      const int64_t n = row * heads + head;
+      const float* s = s_all + n * r * r;
+      float* s_next = s_next_all + n * r * r;
+      float* read = read_all + row * d + head * r;
+      const float* v = y_row + 2 * d + head * r;
+      unit_tanh(y_row + head * r, q.data(), r, normalize_qk);
+      unit_tanh(y_row + d + head * r, k.data(), r, normalize_qk);
+      for (int64_t i = 0; i < g; ++i) {
+        const float beta = sigmoid(y_row[3 * d + head * g + i] + b[head * g + i]);
+        const float lambda = couple_lambda ? 1.0f - beta
+                                           : sigmoid(y_row[3 * d + heads * g + head * g + i] + b[heads * g + head * g + i]);
+        beta_all[n * g + i] = beta;
+        keep[i] = mode == kNoLambda ? 1.0f : lambda;
+        erase[i] = mode == kLambdaOutside ? lambda * beta : beta;
+        write[i] = beta;
+      }
+      // Read before write: S q and S k from the old state.
+      for (int64_t i = 0; i < r; ++i) {
+        float sq = 0.0f, sk = 0.0f;
+        for (int64_t j = 0; j < r; ++j) {
+          sq += s[i * r + j] * q[j];
+          sk += s[i * r + j] * k[j];
+        }
+        read[i] = is_valid ? sq : 0.0f;
+        s_k[i] = sk;
+      }
+      if (!is_valid) {  // a masked token reads 0 and leaves S unchanged
+        std::copy(s, s + r * r, s_next);
+        continue;
+      }
+      for (int64_t i = 0; i < r; ++i) {
+        const int64_t gi = g == 1 ? 0 : i;
+        const float u = write[gi] * v[i] - erase[gi] * s_k[i];
+        for (int64_t j = 0; j < r; ++j) s_next[i * r + j] = keep[gi] * s[i * r + j] + u * k[j];
+      }
+    }
+  }
+  // The corrections of the heads: scale · W_Δ o_t, one head after the other.
+  torch::Tensor corrections = project(reads, delta_weights, static_cast<float>(scale));
+  return {reads, next, beta_out, corrections};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_step", &decode_step, "one fused δ-mem decode step (docs/design.md §1)");
+}

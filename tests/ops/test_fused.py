@@ -1,0 +1,150 @@
+"""The fused decode step (peft_deltamem.ops.fused) computes what the eager path computes, and is used only where it
+applies. Building the C++ extension takes about a minute the first time (then torch caches it): marked slow."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_deltamem import DeltaMemConfig, MemoryState
+from peft_deltamem.ops import fused
+from tests.helpers.tiny_models import random_ids, randomize_adapter, tiny_model
+
+pytestmark = pytest.mark.slow
+
+CONFIGS = {
+    "defaults": {},
+    "msw, all heads": {"num_state_heads": 4, "delta_heads": ["q", "k", "v", "o"]},
+    "separate keep gate, lambda outside": {"couple_lambda": False, "state_update_mode": "lambda_outside", "r": 4},
+    "no lambda, shared gates": {"state_update_mode": "no_lambda", "rankwise_gates": False},
+    "raw q/k, r 16, two heads, keep gate": {"normalize_qk": False, "r": 16, "num_state_heads": 2,
+                                             "couple_lambda": False, "delta_heads": ["v"]},
+}
+
+
+@pytest.fixture(scope="module")
+def built() -> None:
+    fused.enable_fused_decode()
+    fused.disable_fused_decode()
+
+
+@pytest.fixture
+def fused_on(built):
+    fused.enable_fused_decode()
+    yield
+    fused.disable_fused_decode()
+
+
+def adapted(**config) -> torch.nn.Module:
+    model = get_peft_model(tiny_model("llama", seed=5), DeltaMemConfig(task_type="CAUSAL_LM", **config))
+    # Raw (unnormalised) keys make the state grow without bound under large random weights: keep them small.
+    randomize_adapter(model, seed=2, scale=0.5 if config.get("normalize_qk", True) else 0.05)
+    return model.eval()
+
+
+def decode(model, prompt: torch.Tensor, steps: int, attention_mask: torch.Tensor | None = None):
+    """Prefill then ``steps`` one-token calls with the cache: (logits of every step, the memory after)."""
+    from transformers import DynamicCache
+
+    from peft_deltamem._compat import cache_kwargs
+
+    memory, cache = MemoryState(), cache_kwargs(model, DynamicCache())
+    logits = []
+    with torch.no_grad():
+        out = model(input_ids=prompt, attention_mask=attention_mask, use_cache=True, memory=memory, **cache)
+        for step in range(steps):
+            feed = out.logits[:, -1:].argmax(-1)
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, torch.ones_like(feed)], dim=1)
+            out = model(input_ids=feed, attention_mask=attention_mask, use_cache=True, memory=memory, **cache)
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1), memory
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fused_decoding_equals_eager_decoding(name: str, built) -> None:
+    model = adapted(**CONFIGS[name])
+    prompt = random_ids(3, 7, seed=4)
+    eager_logits, eager_memory = decode(model, prompt, steps=5)
+    calls = []
+    original = fused.decode_step
+    try:
+        fused.enable_fused_decode()
+        fused.decode_step = lambda *a, **k: calls.append(1) or original(*a, **k)
+        fused_logits, fused_memory = decode(model, prompt, steps=5)
+    finally:
+        fused.decode_step = original
+        fused.disable_fused_decode()
+    adapted_layers = len(eager_memory.states)
+    assert len(calls) == 5 * adapted_layers  # every decode step of every layer, and nothing else (not the prefill)
+    torch.testing.assert_close(fused_logits, eager_logits, atol=1e-5, rtol=1e-5)
+    for key, state in eager_memory.states.items():  # float32 round-off, relative to the state's scale
+        torch.testing.assert_close(fused_memory.states[key], state, atol=1e-5 * state.abs().max(), rtol=1e-5)
+    assert fused_memory.states[key].abs().max() > 0.1  # the memory was written: the comparison can fail
+
+
+def test_a_padded_row_reads_nothing_and_keeps_its_memory(built) -> None:
+    """A row whose new token is masked (attention mask 0) must leave its state bit-identical, as the eager path
+    does; the valid row is written, the same as eagerly."""
+    model = adapted()
+    prefilled = MemoryState()
+    with torch.no_grad():
+        model(input_ids=random_ids(2, 6, seed=1), memory=prefilled)
+    token, mask = random_ids(2, 1, seed=7), torch.tensor([[1], [0]])
+    after = {}
+    for on in (True, False):
+        memory = prefilled.clone()
+        (fused.enable_fused_decode if on else fused.disable_fused_decode)()
+        try:
+            with torch.no_grad():
+                model(input_ids=token, attention_mask=mask, memory=memory)
+        finally:
+            fused.disable_fused_decode()
+        after[on] = memory.states
+    for key, before in prefilled.states.items():
+        assert torch.equal(after[True][key][1], before[1])  # masked row: untouched
+        assert (after[True][key][0] - before[0]).abs().max() > 1e-3  # valid row: written
+        torch.testing.assert_close(after[True][key], after[False][key], atol=1e-5 * before.abs().max(), rtol=1e-5)
+
+
+def test_steps_that_need_gradients_take_the_eager_path(fused_on, monkeypatch) -> None:
+    model = adapted()
+    monkeypatch.setattr(fused, "decode_step", lambda *a, **k: pytest.fail("the fused step has no backward"))
+    out = model(input_ids=random_ids(1, 1), memory=MemoryState())
+    out.logits.sum().backward()
+    grads = [p.grad for n, p in model.named_parameters() if "deltamem_memory_q" in n]
+    assert grads and all(g is not None for g in grads)
+
+
+def test_the_environment_switch_fails_loudly_when_the_build_fails(monkeypatch) -> None:
+    monkeypatch.setenv(fused.ENV_FLAG, "1")
+    monkeypatch.setattr(fused, "_environment_read", False)
+    monkeypatch.setattr(fused, "_extension", None)
+    monkeypatch.setattr(fused, "_SOURCE", fused._SOURCE.with_name("missing.cpp"))
+    with pytest.raises(RuntimeError, match="could not build the fused decode step.*leave it off"):
+        fused.fused_decode_enabled()
+    assert not fused._enabled
+
+
+def test_adapter_weights_that_are_not_float32_take_the_eager_path(built) -> None:
+    """Float64 adapter weights on a float32 model: the fused step declines (it changes nothing) and decoding equals
+    the eager path's exactly."""
+    model = adapted()
+    for name, param in model.named_parameters():
+        if "deltamem_" in name:
+            param.data = param.data.double()
+    prompt = random_ids(2, 5, seed=6)
+    eager_logits, eager_memory = decode(model, prompt, steps=3)
+    results = []
+    original = fused.decode_step
+    try:
+        fused.enable_fused_decode()
+        fused.decode_step = lambda *a, **k: results.append(original(*a, **k)) or results[-1]
+        fused_logits, fused_memory = decode(model, prompt, steps=3)
+    finally:
+        fused.decode_step = original
+        fused.disable_fused_decode()
+    assert results and all(len(r) == 0 for r in results)  # asked at every step, declined every time
+    assert torch.equal(fused_logits, eager_logits)
+    assert all(torch.equal(fused_memory.states[k], v) for k, v in eager_memory.states.items())

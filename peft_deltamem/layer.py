@@ -111,7 +111,9 @@ class _FusedPlan(NamedTuple):
     sizes: list[int]  # the correction heads' widths
 
 
-def _fused_plan(config: DeltaMemConfig, inputs: dict[str, nn.Linear], deltas: tuple, o_norm, scale) -> _FusedPlan | None:
+def _fused_plan(
+    config: DeltaMemConfig, inputs: dict[str, nn.Linear], deltas: tuple, o_norm, scale
+) -> _FusedPlan | None:
     """The fused decode step's fixed arguments, or None for what it does not compute (segment writes, a
     learned scale, an RMS-normalised o head)."""
     if config.write_granularity != "token" or o_norm is not None or scale is not None:

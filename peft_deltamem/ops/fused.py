@@ -92,6 +92,17 @@ def decode_step(
     Returns ``(reads [B, n·r], next state [B·n, r, r], β [B·n, 1, g], corrections [B, Σ out])``, or an empty list
     if some tensor is not float32 on the CPU (the caller then takes the eager path); no autograd."""
     return (_extension or _build()).decode_step(
-        x, in_weights, gate_bias, state, valid, delta_weights, scale, heads, r, normalize_qk, couple_lambda, mode,
+        x,
+        in_weights,
+        gate_bias,
+        state,
+        valid,
+        delta_weights,
+        scale,
+        heads,
+        r,
+        normalize_qk,
+        couple_lambda,
+        mode,
         gate_width,
     )

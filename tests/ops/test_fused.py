@@ -18,8 +18,13 @@ CONFIGS = {
     "msw, all heads": {"num_state_heads": 4, "delta_heads": ["q", "k", "v", "o"]},
     "separate keep gate, lambda outside": {"couple_lambda": False, "state_update_mode": "lambda_outside", "r": 4},
     "no lambda, shared gates": {"state_update_mode": "no_lambda", "rankwise_gates": False},
-    "raw q/k, r 16, two heads, keep gate": {"normalize_qk": False, "r": 16, "num_state_heads": 2,
-                                             "couple_lambda": False, "delta_heads": ["v"]},
+    "raw q/k, r 16, two heads, keep gate": {
+        "normalize_qk": False,
+        "r": 16,
+        "num_state_heads": 2,
+        "couple_lambda": False,
+        "delta_heads": ["v"],
+    },
 }
 
 
@@ -43,7 +48,7 @@ def adapted(**config) -> torch.nn.Module:
     return model.eval()
 
 
-def decode(model, prompt: torch.Tensor, steps: int, attention_mask: torch.Tensor | None = None):
+def decode(model, prompt: torch.Tensor, steps: int):
     """Prefill then ``steps`` one-token calls with the cache: (logits of every step, the memory after)."""
     from transformers import DynamicCache
 
@@ -52,12 +57,9 @@ def decode(model, prompt: torch.Tensor, steps: int, attention_mask: torch.Tensor
     memory, cache = MemoryState(), cache_kwargs(model, DynamicCache())
     logits = []
     with torch.no_grad():
-        out = model(input_ids=prompt, attention_mask=attention_mask, use_cache=True, memory=memory, **cache)
-        for step in range(steps):
-            feed = out.logits[:, -1:].argmax(-1)
-            if attention_mask is not None:
-                attention_mask = torch.cat([attention_mask, torch.ones_like(feed)], dim=1)
-            out = model(input_ids=feed, attention_mask=attention_mask, use_cache=True, memory=memory, **cache)
+        out = model(input_ids=prompt, use_cache=True, memory=memory, **cache)
+        for _ in range(steps):
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), use_cache=True, memory=memory, **cache)
             logits.append(out.logits[:, -1])
     return torch.stack(logits, 1), memory
 

@@ -108,7 +108,6 @@ class _FusedPlan(NamedTuple):
     inputs: int  # how many of ``modules`` are input projections
     gates: tuple[nn.Linear, ...]  # β[, λ]: their biases
     options: tuple  # scale, heads, r, normalize_qk, couple_lambda, mode index, gate width
-    sizes: list[int]  # the correction heads' widths
 
 
 def _fused_plan(
@@ -123,8 +122,7 @@ def _fused_plan(
     gate_width = inputs["write_gate"].out_features // heads
     options = (config.scale, heads, config.r, config.normalize_qk, config.couple_lambda, mode, gate_width)
     gates = tuple(module for name, module in inputs.items() if name in ("write_gate", "keep_gate"))
-    sizes = [m.out_features for m in deltas]
-    return _FusedPlan((*inputs.values(), *deltas), len(inputs), gates, options, sizes)
+    return _FusedPlan((*inputs.values(), *deltas), len(inputs), gates, options)
 
 
 _PLANS = "_deltamem_plans"
@@ -405,25 +403,25 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
         weights = [m.weight for m in fused.modules]
         if torch.is_grad_enabled() and (hidden_states.requires_grad or any(w.requires_grad for w in weights)):
             return None
-        scale, heads, r = fused.options[:3]
+        heads = fused.options[1]
         gate_bias = fused.gates[0].bias if len(fused.gates) == 1 else torch.cat([m.bias for m in fused.gates])
         token_mask = context.token_mask  # [B, 1]
         outputs = fused_decode.decode_step(
-            hidden_states.view(batch, -1),
+            hidden_states,
             weights[: fused.inputs],
             gate_bias,
-            context.initial_state(self.memory_key).reshape(batch * heads, r, r),
-            None if context.all_valid else token_mask.view(batch),
+            context.initial_state(self.memory_key),
+            None if context.all_valid else token_mask,
             weights[fused.inputs :],
             *fused.options,
         )
         if not outputs:  # some tensor is not float32 on the CPU (checked there, at no cost here): the eager path's
             return None
-        _, final_state, write_gate, stacked = outputs
+        _, final_state, write_gate, *corrections = outputs
         if heads > 1:
             token_mask = token_mask.repeat_interleave(heads, dim=0)
-        context.record(self.memory_key, final_state.view(batch, heads, r, r), write_gate, token_mask)
-        return dict(zip(plan.heads, stacked.unsqueeze(1).split(fused.sizes, dim=-1), strict=True))
+        context.record(self.memory_key, final_state, write_gate, token_mask)
+        return dict(zip(plan.heads, corrections, strict=True))
 
     @staticmethod
     def _fold(t: torch.Tensor, heads: int) -> torch.Tensor:

@@ -84,13 +84,13 @@ def decode_step(
     couple_lambda: bool,
     mode: int,
     gate_width: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One token through a layer's memory and correction heads: ``x`` [B, H] float32, ``in_weights`` the input
+) -> list[torch.Tensor]:
+    """One token through a layer's memory and correction heads: ``x`` [B, 1, H] float32, ``in_weights`` the input
     projections' weights in stacking order (q, k, v, write gate[, keep gate]), ``gate_bias`` their biases
-    concatenated, ``state`` [B·n, r, r], ``valid`` [B] bool or None, ``delta_weights`` the heads' W_Δ (may be empty)
-    applied with ``scale``; ``mode`` indexes :data:`MODES`, ``gate_width`` is g (r with rank-wise gates, else 1).
-    Returns ``(reads [B, n·r], next state [B·n, r, r], β [B·n, 1, g], corrections [B, Σ out])``, or an empty list
-    if some tensor is not float32 on the CPU (the caller then takes the eager path); no autograd."""
+    concatenated, ``state`` [B, n, r, r], ``valid`` [B, 1] bool or None, ``delta_weights`` the heads' W_Δ applied
+    with ``scale``; ``mode`` indexes :data:`MODES`, ``gate_width`` is g (r with rank-wise gates, else 1).
+    Returns ``[reads [B, n·r], next state [B, n, r, r], β [B·n, 1, g], then each head's correction [B, 1, out]]``,
+    or an empty list if some tensor is not float32 on the CPU (the caller then takes the eager path); no autograd."""
     return (_extension or _build()).decode_step(
         x,
         in_weights,

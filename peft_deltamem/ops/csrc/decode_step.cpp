@@ -48,34 +48,34 @@ void matvec(const float* w, const float* x, float* y, int64_t rows, int64_t cols
   }
 }
 
-// Every row of x [B, in] through the weights in turn, times scale; outputs concatenated: [B, Σ rows].
-torch::Tensor project(const torch::Tensor& x, const std::vector<torch::Tensor>& weights, float scale = 1.0f) {
-  int64_t width = 0;
-  std::vector<torch::Tensor> contiguous;
-  for (const auto& w : weights) {
-    TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1) && w.scalar_type() == torch::kFloat32,
-                "decode_step: every weight must be [out, ", x.size(1), "] float32");
-    contiguous.push_back(w.contiguous());
-    width += w.size(0);
+// Every row of x [B, in] (contiguous) through each weight [out, in] in turn, times scale, into out: row b of the
+// k-th weight's output starts at out + b·stride + (the widths of the weights before it).
+void project(const torch::Tensor& x, const std::vector<torch::Tensor>& weights, float scale, float* out,
+             int64_t stride) {
+  const int64_t batch = x.size(0), in = x.numel() / batch;
+  for (const auto& weight : weights) {
+    TORCH_CHECK(weight.dim() == 2 && weight.size(1) == in, "decode_step: every weight must be [out, ", in, "]");
+    const torch::Tensor w = weight.contiguous();
+    for (int64_t row = 0; row < batch; ++row)
+      matvec(w.data_ptr<float>(), x.data_ptr<float>() + row * in, out + row * stride, w.size(0), in, scale);
+    out += w.size(0);
   }
-  auto out = torch::empty({x.size(0), width}, x.options());
-  for (int64_t row = 0; row < x.size(0); ++row) {
-    float* y = out.data_ptr<float>() + row * width;
-    for (const auto& w : contiguous) {
-      matvec(w.data_ptr<float>(), x.data_ptr<float>() + row * x.size(1), y, w.size(0), w.size(1), scale);
-      y += w.size(0);
-    }
-  }
-  return out;
+}
+
+int64_t total_rows(const std::vector<torch::Tensor>& weights) {
+  int64_t rows = 0;
+  for (const auto& w : weights) rows += w.size(0);
+  return rows;
 }
 
 }  // namespace
 
-// x [B, H]; in_weights: the memory's input projections in stacking order (q, k, v, write gate[, keep gate]), each
-// [out, H]; gate_bias: the gates' biases concatenated ([n·g] or [2·n·g]); state [B·n, r, r] float32; valid [B] bool
-// or None (every row valid); delta_weights: the correction heads' W_Δ [out, n·r] (may be empty), applied with
-// ``scale``. Returns (reads [B, n·r], next state [B·n, r, r], β [B·n, 1, g], corrections [B, Σ out] · scale), or
-// nothing if some tensor is not float32 on the CPU.
+// x [B, 1, H] (or [B, H]); in_weights: the memory's input projections in stacking order (q, k, v, write gate[, keep
+// gate]), each [out, H]; gate_bias: the gates' biases concatenated ([n·g] or [2·n·g]); state [B, n, r, r] (any
+// shape of B·n·r·r floats) float32; valid [B] or [B, 1] bool, or None (every row valid); delta_weights: the
+// correction heads' W_Δ [out, n·r], applied with ``scale``. Returns (reads [B, n·r], next state shaped as state,
+// β [B·n, 1, g], then per correction head scale · W_Δ o_t [B, 1, out]), or nothing if some tensor is not float32
+// on the CPU.
 std::vector<torch::Tensor> decode_step(torch::Tensor x, std::vector<torch::Tensor> in_weights, torch::Tensor gate_bias,
                                        torch::Tensor state, c10::optional<torch::Tensor> valid,
                                        std::vector<torch::Tensor> delta_weights, double scale, int64_t heads,
@@ -87,15 +87,17 @@ std::vector<torch::Tensor> decode_step(torch::Tensor x, std::vector<torch::Tenso
   for (const auto* list : {&in_weights, &delta_weights})
     for (const auto& w : *list)
       if (!plain(w)) return {};
-  TORCH_CHECK(x.dim() == 2, "decode_step: x must be [B, H]");
   x = x.contiguous();
   state = state.contiguous();
   const int64_t batch = x.size(0), d = heads * r, g = gate_width;
   const int64_t gates = couple_lambda ? 1 : 2;
   const int64_t width = 3 * d + gates * heads * g;
-  torch::Tensor projected = project(x, in_weights);
-  TORCH_CHECK(projected.size(1) == width, "decode_step: the stacked projections have ", projected.size(1),
+  TORCH_CHECK(state.numel() == batch * heads * r * r, "decode_step: the state holds ", state.numel(), " floats");
+  TORCH_CHECK(total_rows(in_weights) == width, "decode_step: the input projections have ", total_rows(in_weights),
               " outputs, expected ", width);
+  // The input projections side by side, [B, width]: q, k, v, then the gates' pre-activations.
+  auto projected = torch::empty({batch, width}, x.options());
+  project(x, in_weights, 1.0f, projected.data_ptr<float>(), width);
   torch::Tensor bias = gate_bias.contiguous();
   TORCH_CHECK(bias.numel() == gates * heads * g, "decode_step: gate bias has ", bias.numel(), " entries");
 
@@ -129,8 +131,8 @@ std::vector<torch::Tensor> decode_step(torch::Tensor x, std::vector<torch::Tenso
       unit_tanh(y_row + d + head * r, k.data(), r, normalize_qk);
       for (int64_t i = 0; i < g; ++i) {
         const float beta = sigmoid(y_row[3 * d + head * g + i] + b[head * g + i]);
-        const float lambda = couple_lambda ? 1.0f - beta
-                                           : sigmoid(y_row[3 * d + heads * g + head * g + i] + b[heads * g + head * g + i]);
+        const int64_t keep_at = heads * g + head * g + i;  // the keep gate follows all write gates
+        const float lambda = couple_lambda ? 1.0f - beta : sigmoid(y_row[3 * d + keep_at] + b[keep_at]);
         beta_all[n * g + i] = beta;
         keep[i] = mode == kNoLambda ? 1.0f : lambda;
         erase[i] = mode == kLambdaOutside ? lambda * beta : beta;
@@ -157,9 +159,13 @@ std::vector<torch::Tensor> decode_step(torch::Tensor x, std::vector<torch::Tenso
       }
     }
   }
-  // The corrections of the heads: scale · W_Δ o_t, one head after the other.
-  torch::Tensor corrections = project(reads, delta_weights, static_cast<float>(scale));
-  return {reads, next, beta_out, corrections};
+  // The corrections of the heads: scale · W_Δ o_t, one tensor per head.
+  std::vector<torch::Tensor> outputs{reads, next, beta_out};
+  for (const auto& w : delta_weights) {
+    outputs.push_back(torch::empty({batch, 1, w.size(0)}, x.options()));
+    project(reads, {w}, static_cast<float>(scale), outputs.back().data_ptr<float>(), w.size(0));
+  }
+  return outputs;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from .fused import disable_fused_decode, enable_fused_decode, fused_decode_enabled
 from .recurrent import recurrent_delta_rule_scan
 
-__all__ = ["SCAN_IMPLS", "auto_impl", "delta_rule_scan"]
+__all__ = [
+    "SCAN_IMPLS",
+    "auto_impl",
+    "delta_rule_scan",
+    "disable_fused_decode",
+    "enable_fused_decode",
+    "fused_decode_enabled",
+]
 
 SCAN_IMPLS = ("auto", "recurrent", "chunked")
 

@@ -72,3 +72,10 @@ def test_the_installed_package_finds_its_default_recipe(installed, tmp_path) -> 
     venv = installed.parent
     assert Path(package).is_relative_to(venv) and not Path(package).is_relative_to(ROOT)
     assert Path(recipe).is_relative_to(venv) and exists == "True" and named == "True" and int(rank) > 0
+
+
+def test_the_installed_package_ships_the_fused_decode_source(installed, tmp_path) -> None:
+    """enable_fused_decode() builds from the C++ file inside the package: the wheel must carry it."""
+    code = "from peft_deltamem.ops import fused; print(fused._SOURCE); print(fused._SOURCE.is_file())"
+    source, exists = _run([str(installed / "python"), "-c", code], cwd=tmp_path).stdout.split()
+    assert Path(source).is_relative_to(installed.parent) and exists == "True"

@@ -64,22 +64,29 @@ def decode(model, prompt: torch.Tensor, steps: int):
     return torch.stack(logits, 1), memory
 
 
+def decode_fused(model, prompt: torch.Tensor, steps: int):
+    """:func:`decode` with the fused step on: (logits, memory, what each fused call returned)."""
+    returned = []
+    original = fused.decode_step
+    try:
+        fused.enable_fused_decode()
+        fused.decode_step = lambda *a, **k: returned.append(original(*a, **k)) or returned[-1]
+        return (*decode(model, prompt, steps), returned)
+    finally:
+        fused.decode_step = original
+        fused.disable_fused_decode()
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_fused_decoding_equals_eager_decoding(name: str, built) -> None:
     model = adapted(**CONFIGS[name])
     prompt = random_ids(3, 7, seed=4)
     eager_logits, eager_memory = decode(model, prompt, steps=5)
-    calls = []
-    original = fused.decode_step
-    try:
-        fused.enable_fused_decode()
-        fused.decode_step = lambda *a, **k: calls.append(1) or original(*a, **k)
-        fused_logits, fused_memory = decode(model, prompt, steps=5)
-    finally:
-        fused.decode_step = original
-        fused.disable_fused_decode()
+    fused_logits, fused_memory, returned = decode_fused(model, prompt, steps=5)
     adapted_layers = len(eager_memory.states)
-    assert len(calls) == 5 * adapted_layers  # every decode step of every layer, and nothing else (not the prefill)
+    assert len(returned) == 5 * adapted_layers and all(
+        returned
+    )  # every decode step of every layer, and nothing else (not the prefill)
     torch.testing.assert_close(fused_logits, eager_logits, atol=1e-5, rtol=1e-5)
     for key, state in eager_memory.states.items():  # float32 round-off, relative to the state's scale
         torch.testing.assert_close(fused_memory.states[key], state, atol=1e-5 * state.abs().max(), rtol=1e-5)
@@ -138,15 +145,7 @@ def test_adapter_weights_that_are_not_float32_take_the_eager_path(built) -> None
             param.data = param.data.double()
     prompt = random_ids(2, 5, seed=6)
     eager_logits, eager_memory = decode(model, prompt, steps=3)
-    results = []
-    original = fused.decode_step
-    try:
-        fused.enable_fused_decode()
-        fused.decode_step = lambda *a, **k: results.append(original(*a, **k)) or results[-1]
-        fused_logits, fused_memory = decode(model, prompt, steps=3)
-    finally:
-        fused.decode_step = original
-        fused.disable_fused_decode()
-    assert results and all(len(r) == 0 for r in results)  # asked at every step, declined every time
+    fused_logits, fused_memory, returned = decode_fused(model, prompt, steps=3)
+    assert returned and all(len(r) == 0 for r in returned)  # asked at every step, declined every time
     assert torch.equal(fused_logits, eager_logits)
     assert all(torch.equal(fused_memory.states[k], v) for k, v in eager_memory.states.items())

@@ -165,8 +165,10 @@ def prefill(system: str, model: torch.nn.Module, ids: torch.Tensor) -> Callable[
 class Decoder:
     """Greedy decoding one step at a time with a KV cache (and, for δ-mem, a memory read and written every step)."""
 
-    def __init__(self, system: str, model: torch.nn.Module, prompt: torch.Tensor) -> None:
+    def __init__(self, system: str, model: torch.nn.Module, prompt: torch.Tensor, read_only: bool = False) -> None:
         self.system, self.model, self.prompt = system, model, prompt
+        # read_only: the decode steps only read the memory the prefill wrote (as the server decodes)
+        self.step_kwargs = {"memory_write": False} if read_only and system == "deltamem" else {}
 
     def start(self) -> None:
         """Prefill the prompt into a fresh cache and memory."""
@@ -183,7 +185,9 @@ class Decoder:
     def step(self) -> None:
         """Feed the last token; keep the greedy next one."""
         with torch.no_grad():
-            out = self.model(input_ids=self.feed, use_cache=True, **self.cache_kwargs, **self.kwargs)
+            out = self.model(
+                input_ids=self.feed, use_cache=True, **self.cache_kwargs, **self.kwargs, **self.step_kwargs
+            )
         self.feed = out.logits[:, -1:].argmax(-1)
 
     def run(self, steps: int) -> None:
@@ -345,6 +349,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--decode-batch", type=int, default=1, help="sequences decoded together in decode and generate (default 1)"
     )
     parser.add_argument(
+        "--decode-read-only",
+        action="store_true",
+        help="δ-mem's decode steps only read the memory (memory_write=False, as the server decodes)",
+    )
+    parser.add_argument(
         "--fused-decode",
         action="store_true",
         help="δ-mem decodes with the fused C++ step (peft_deltamem.ops.fused; built first, about a minute)",
@@ -392,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         record("prefill_s", _timing.interleaved(prefill_calls, rounds))
     prompt = random_ids(sizes["decode_prompt"], vocab, seed=3, batch=args.decode_batch)
     if "decode" in args.only:
-        decoders = {n: Decoder(n, m, prompt) for n, m in models.items()}
+        decoders = {n: Decoder(n, m, prompt, read_only=args.decode_read_only) for n, m in models.items()}
         record("decode_ms_per_token", interleaved_decode(decoders, sizes["decode_steps"], decode_rounds, 4), 1e3)
         gflops, gbs = _timing.matmul_gflops("cpu"), _timing.memory_bandwidth_gbs("cpu")
         roofline["decode"] = {"matmul_gflops": gflops, "copy_gbs": gbs}
@@ -429,11 +438,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     load_end = _timing.load_average()
     notes = [
         f"Batch 1 (decode and generate: {args.decode_batch}; δ-mem decode step"
-        f" {'fused (--fused-decode)' if args.fused_decode else 'eager'}). Training step: {sizes['train_tokens']} tokens, forward + backward of the LM loss + zero_grad; δ-mem"
+        f" {'fused (--fused-decode)' if args.fused_decode else 'eager'}"
+        f"{', read-only (--decode-read-only)' if args.decode_read_only else ''}). Training step: {sizes['train_tokens']} tokens, forward + backward of the LM loss + zero_grad; δ-mem"
         " with memory=MemoryState() (writes with gradients); base frozen, backward w.r.t. the input embeddings.",
         f"Prefill: {sizes['prefill_tokens']} tokens, no grad, KV cache, logits_to_keep=1 (δ-mem writes a fresh memory).",
         f"Decode: {sizes['decode_steps']} greedy steps after a {sizes['decode_prompt']}-token prefill, KV cache"
-        " (δ-mem reads + writes its memory each step); median over all timed steps, systems interleaved step by step.",
+        + (
+            " (δ-mem only reads its memory each step)"
+            if args.decode_read_only
+            else " (δ-mem reads + writes its memory each step)"
+        )
+        + "; median over all timed steps, systems interleaved step by step.",
         f"generate(): prompt {sizes['decode_prompt']} + {sizes['decode_steps']} new tokens end to end, greedy.",
         "Decode roofline limit: the longer of 2 FLOPs per parameter at the best float32 matmul throughput and every"
         " parameter (float32) plus the KV cache read once at the copy bandwidth, both measured in this run"
@@ -464,6 +479,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "memory": memory_method,
             "decode_batch": args.decode_batch,
             "fused_decode": args.fused_decode,
+            "decode_read_only": args.decode_read_only,
         },
         "targets": {phase: {"reference": ref, "max_ratio": limit} for phase, (ref, limit) in TARGETS.items()},
         "notes": notes,

@@ -108,21 +108,23 @@ class _FusedPlan(NamedTuple):
     inputs: int  # how many of ``modules`` are input projections
     gates: tuple[nn.Linear, ...]  # β[, λ]: their biases
     options: tuple  # scale, heads, r, normalize_qk, couple_lambda, mode index, gate width
+    token_writes: bool  # the adapter writes tokens (segment writes take the eager path; reads need not)
 
 
 def _fused_plan(
     config: DeltaMemConfig, inputs: dict[str, nn.Linear], deltas: tuple, o_norm, scale
 ) -> _FusedPlan | None:
-    """The fused decode step's fixed arguments, or None for what it does not compute (segment writes, a
-    learned scale, an RMS-normalised o head)."""
-    if config.write_granularity != "token" or o_norm is not None or scale is not None:
+    """The fused decode step's fixed arguments, or None for what it does not compute (a learned scale, an
+    RMS-normalised o head)."""
+    if o_norm is not None or scale is not None:
         return None
     heads = config.num_state_heads
     mode = fused_decode.MODES.index(config.state_update_mode)
     gate_width = inputs["write_gate"].out_features // heads
     options = (config.scale, heads, config.r, config.normalize_qk, config.couple_lambda, mode, gate_width)
     gates = tuple(module for name, module in inputs.items() if name in ("write_gate", "keep_gate"))
-    return _FusedPlan((*inputs.values(), *deltas), len(inputs), gates, options)
+    token_writes = config.write_granularity == "token"
+    return _FusedPlan((*inputs.values(), *deltas), len(inputs), gates, options, token_writes)
 
 
 _PLANS = "_deltamem_plans"
@@ -392,13 +394,15 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
         self, adapter: str, hidden_states: torch.Tensor, context: MemoryCallContext
     ) -> dict[str, torch.Tensor] | None:
         """Memory step and corrections of one decoded token in one C++ call (:mod:`peft_deltamem.ops.fused`): the
-        corrections by head, the state after the write recorded in ``context``. None where it does not apply (more
-        than one token, no write, gradients wanted, not float32 on the CPU, see also :func:`_fused_plan`): the eager
+        corrections by head, the state after a write recorded in ``context`` (a read-only call records nothing, as
+        the eager path). None where it does not apply (more than one token, a segment write, gradients wanted, not float32 on the CPU, see also :func:`_fused_plan`): the eager
         path then runs, having lost nothing (the fused step changes nothing before it returns)."""
         plan = self._plan(adapter)
         fused = plan.fused
         batch, length, _ = hidden_states.shape
-        if fused is None or length != 1 or not context.write or hidden_states.dtype != torch.float32:
+        if fused is None or length != 1 or hidden_states.dtype != torch.float32:
+            return None
+        if context.write and not fused.token_writes:  # a segment write: one write per segment, the eager path's
             return None
         weights = [m.weight for m in fused.modules]
         if torch.is_grad_enabled() and (hidden_states.requires_grad or any(w.requires_grad for w in weights)):
@@ -412,15 +416,17 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
             gate_bias,
             context.initial_state(self.memory_key),
             None if context.all_valid else token_mask,
+            context.write,
             weights[fused.inputs :],
             *fused.options,
         )
         if not outputs:  # some tensor is not float32 on the CPU (checked there, at no cost here): the eager path's
             return None
         _, final_state, write_gate, *corrections = outputs
-        if heads > 1:
-            token_mask = token_mask.repeat_interleave(heads, dim=0)
-        context.record(self.memory_key, final_state, write_gate, token_mask)
+        if context.write:
+            if heads > 1:
+                token_mask = token_mask.repeat_interleave(heads, dim=0)
+            context.record(self.memory_key, final_state, write_gate, token_mask)
         return dict(zip(plan.heads, corrections, strict=True))
 
     @staticmethod

@@ -76,6 +76,7 @@ def decode_step(
     gate_bias: torch.Tensor,
     state: torch.Tensor,
     valid: torch.Tensor | None,
+    write: bool,
     delta_weights: list[torch.Tensor],
     scale: float,
     heads: int,
@@ -87,9 +88,10 @@ def decode_step(
 ) -> list[torch.Tensor]:
     """One token through a layer's memory and correction heads: ``x`` [B, 1, H] float32, ``in_weights`` the input
     projections' weights in stacking order (q, k, v, write gate[, keep gate]), ``gate_bias`` their biases
-    concatenated, ``state`` [B, n, r, r], ``valid`` [B, 1] bool or None, ``delta_weights`` the heads' W_Δ applied
-    with ``scale``; ``mode`` indexes :data:`MODES`, ``gate_width`` is g (r with rank-wise gates, else 1).
-    Returns ``[reads [B, n·r], next state [B, n, r, r], β [B·n, 1, g], then each head's correction [B, 1, out]]``,
+    concatenated, ``state`` [B, n, r, r], ``valid`` [B, 1] bool or None, ``write`` whether the token is written (else
+    it is only read), ``delta_weights`` the heads' W_Δ applied with ``scale``; ``mode`` indexes :data:`MODES`,
+    ``gate_width`` is g (r with rank-wise gates, else 1). Returns ``[reads [B, n·r], next state [B, n, r, r] (the
+    state itself if not writing), β [B·n, 1, g], then each head's correction [B, 1, out]]``,
     or an empty list if some tensor is not float32 on the CPU (the caller then takes the eager path); no autograd."""
     return (_extension or _build()).decode_step(
         x,
@@ -97,6 +99,7 @@ def decode_step(
         gate_bias,
         state,
         valid,
+        write,
         delta_weights,
         scale,
         heads,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers.benchmarks import load_benchmark, run_benchmark
 
@@ -111,3 +112,24 @@ def test_history_scaling_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and data["plot"] == str(plot)
     printed = capsys.readouterr().out
     assert "| system | history tokens | possible |" in printed
+
+
+def test_read_only_decoding_leaves_the_prefilled_memory(tmp_path: Path) -> None:
+    """``--decode-read-only``: the prefill writes δ-mem's memory, the decode steps only read it."""
+    bench = load_benchmark("model_overhead")
+    model = bench.wrap(bench.load_base(smoke=True), "deltamem")
+    prompt = bench.random_ids(8, model.config.vocab_size, seed=0)
+    written = {}
+    for read_only in (True, False):
+        decoder = bench.Decoder("deltamem", model, prompt, read_only=read_only)
+        decoder.start()
+        prefilled = {k: v.clone() for k, v in decoder.kwargs["memory"].states.items()}
+        decoder.step()
+        decoder.step()
+        after = decoder.kwargs["memory"].states
+        written[read_only] = any(not torch.equal(after[k], v) for k, v in prefilled.items())
+    assert written == {True: False, False: True}
+    data = run_benchmark(
+        bench, ["--smoke", "--out", str(tmp_path / "r.json"), "--only", "decode", "--decode-read-only"]
+    )
+    assert data["settings"]["decode_read_only"] is True

@@ -48,8 +48,9 @@ def adapted(**config) -> torch.nn.Module:
     return model.eval()
 
 
-def decode(model, prompt: torch.Tensor, steps: int):
-    """Prefill then ``steps`` one-token calls with the cache: (logits of every step, the memory after)."""
+def decode(model, prompt: torch.Tensor, steps: int, write: bool = True):
+    """Prefill (written) then ``steps`` one-token calls with the cache, written or only read: (logits of every step,
+    the memory after)."""
     from transformers import DynamicCache
 
     from peft_deltamem._compat import cache_kwargs
@@ -59,19 +60,20 @@ def decode(model, prompt: torch.Tensor, steps: int):
     with torch.no_grad():
         out = model(input_ids=prompt, use_cache=True, memory=memory, **cache)
         for _ in range(steps):
-            out = model(input_ids=out.logits[:, -1:].argmax(-1), use_cache=True, memory=memory, **cache)
+            feed = out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=feed, use_cache=True, memory=memory, memory_write=write, **cache)
             logits.append(out.logits[:, -1])
     return torch.stack(logits, 1), memory
 
 
-def decode_fused(model, prompt: torch.Tensor, steps: int):
+def decode_fused(model, prompt: torch.Tensor, steps: int, write: bool = True):
     """:func:`decode` with the fused step on: (logits, memory, what each fused call returned)."""
     returned = []
     original = fused.decode_step
     try:
         fused.enable_fused_decode()
         fused.decode_step = lambda *a, **k: returned.append(original(*a, **k)) or returned[-1]
-        return (*decode(model, prompt, steps), returned)
+        return (*decode(model, prompt, steps, write), returned)
     finally:
         fused.decode_step = original
         fused.disable_fused_decode()
@@ -91,6 +93,19 @@ def test_fused_decoding_equals_eager_decoding(name: str, built) -> None:
     for key, state in eager_memory.states.items():  # float32 round-off, relative to the state's scale
         torch.testing.assert_close(fused_memory.states[key], state, atol=1e-5 * state.abs().max(), rtol=1e-5)
     assert fused_memory.states[key].abs().max() > 0.1  # the memory was written: the comparison can fail
+
+
+@pytest.mark.parametrize("name", ["defaults", "msw, all heads", "message writes"])
+def test_fused_read_only_decoding_equals_eager_and_leaves_the_memory(name: str, built) -> None:
+    """Decoding that only reads (``memory_write=False``, as the server and the evaluation decode) takes the fused
+    step too, also for an adapter that writes whole messages, and leaves the memory as the prefill wrote it."""
+    model = adapted(**{**CONFIGS, "message writes": {"write_granularity": "message"}}[name])
+    prompt = random_ids(2, 6, seed=8)
+    eager_logits, eager_memory = decode(model, prompt, steps=4, write=False)
+    fused_logits, fused_memory, returned = decode_fused(model, prompt, steps=4, write=False)
+    assert len(returned) == 4 * len(eager_memory.states) and all(returned)
+    torch.testing.assert_close(fused_logits, eager_logits, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(fused_memory.states[k], v) for k, v in eager_memory.states.items())  # the prefill's
 
 
 def test_a_padded_row_reads_nothing_and_keeps_its_memory(built) -> None:

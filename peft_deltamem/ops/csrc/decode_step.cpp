@@ -1,4 +1,4 @@
-// One decode step of a δ-mem layer (docs/design.md §1, one token, token writes, read before write), fused:
+// One decode step of a δ-mem layer (docs/design.md §1, one token, read before a token write, or a read only), fused:
 // the memory step and the corrections of the heads.
 //
 // The same arithmetic as the layer's eager path for T = 1 (project, tanh + L2-normalise q and k, sigmoid gates,
@@ -72,12 +72,13 @@ int64_t total_rows(const std::vector<torch::Tensor>& weights) {
 
 // x [B, 1, H] (or [B, H]); in_weights: the memory's input projections in stacking order (q, k, v, write gate[, keep
 // gate]), each [out, H]; gate_bias: the gates' biases concatenated ([n·g] or [2·n·g]); state [B, n, r, r] (any
-// shape of B·n·r·r floats) float32; valid [B] or [B, 1] bool, or None (every row valid); delta_weights: the
-// correction heads' W_Δ [out, n·r], applied with ``scale``. Returns (reads [B, n·r], next state shaped as state,
-// β [B·n, 1, g], then per correction head scale · W_Δ o_t [B, 1, out]), or nothing if some tensor is not float32
-// on the CPU.
+// shape of B·n·r·r floats) float32; valid [B] or [B, 1] bool, or None (every row valid); write: whether the token is
+// written (else the call only reads, and only the q projection is computed); delta_weights: the correction heads'
+// W_Δ [out, n·r], applied with ``scale``. Returns (reads [B, n·r], next state shaped as state (the state itself if
+// not writing), β [B·n, 1, g] (empty if not writing), then per correction head scale · W_Δ o_t [B, 1, out]), or
+// nothing if some tensor is not float32 on the CPU.
 std::vector<torch::Tensor> decode_step(torch::Tensor x, std::vector<torch::Tensor> in_weights, torch::Tensor gate_bias,
-                                       torch::Tensor state, c10::optional<torch::Tensor> valid,
+                                       torch::Tensor state, c10::optional<torch::Tensor> valid, bool write,
                                        std::vector<torch::Tensor> delta_weights, double scale, int64_t heads,
                                        int64_t r, bool normalize_qk, bool couple_lambda, int64_t mode,
                                        int64_t gate_width) {
@@ -91,19 +92,20 @@ std::vector<torch::Tensor> decode_step(torch::Tensor x, std::vector<torch::Tenso
   state = state.contiguous();
   const int64_t batch = x.size(0), d = heads * r, g = gate_width;
   const int64_t gates = couple_lambda ? 1 : 2;
-  const int64_t width = 3 * d + gates * heads * g;
+  const int64_t all_inputs = 3 * d + gates * heads * g;
   TORCH_CHECK(state.numel() == batch * heads * r * r, "decode_step: the state holds ", state.numel(), " floats");
-  TORCH_CHECK(total_rows(in_weights) == width, "decode_step: the input projections have ", total_rows(in_weights),
-              " outputs, expected ", width);
-  // The input projections side by side, [B, width]: q, k, v, then the gates' pre-activations.
-  auto projected = torch::empty({batch, width}, x.options());
-  project(x, in_weights, 1.0f, projected.data_ptr<float>(), width);
+  TORCH_CHECK(total_rows(in_weights) == all_inputs, "decode_step: the input projections have ",
+              total_rows(in_weights), " outputs, expected ", all_inputs);
   torch::Tensor bias = gate_bias.contiguous();
   TORCH_CHECK(bias.numel() == gates * heads * g, "decode_step: gate bias has ", bias.numel(), " entries");
+  // The input projections side by side, [B, width]: q, then (writing) k, v and the gates' pre-activations.
+  const int64_t width = write ? all_inputs : d;
+  auto projected = torch::empty({batch, width}, x.options());
+  project(x, write ? in_weights : std::vector<torch::Tensor>{in_weights[0]}, 1.0f, projected.data_ptr<float>(), width);
 
   auto reads = torch::empty({batch, d}, x.options());
-  auto next = torch::empty_like(state);
-  auto beta_out = torch::empty({batch * heads, 1, g}, x.options());
+  auto next = write ? torch::empty_like(state) : state;
+  auto beta_out = torch::empty({write ? batch * heads : 0, 1, g}, x.options());
   const bool* valid_ptr = nullptr;
   torch::Tensor valid_c;
   if (valid.has_value() && valid->defined()) {
@@ -113,10 +115,8 @@ std::vector<torch::Tensor> decode_step(torch::Tensor x, std::vector<torch::Tenso
   const float* y = projected.data_ptr<float>();
   const float* b = bias.data_ptr<float>();
   const float* s_all = state.data_ptr<float>();
-  float* s_next_all = next.data_ptr<float>();
   float* read_all = reads.data_ptr<float>();
-  float* beta_all = beta_out.data_ptr<float>();
-  std::vector<float> q(r), k(r), keep(g), erase(g), write(g), s_k(r);
+  std::vector<float> q(r), k(r), keep(g), erase(g), write_coef(g), s_k(r);
 
   for (int64_t row = 0; row < batch; ++row) {
     const float* y_row = y + row * width;
@@ -124,19 +124,27 @@ std::vector<torch::Tensor> decode_step(torch::Tensor x, std::vector<torch::Tenso
     for (int64_t head = 0; head < heads; ++head) {
       const int64_t n = row * heads + head;
       const float* s = s_all + n * r * r;
-      float* s_next = s_next_all + n * r * r;
       float* read = read_all + row * d + head * r;
-      const float* v = y_row + 2 * d + head * r;
       unit_tanh(y_row + head * r, q.data(), r, normalize_qk);
+      if (!write) {  // read only: S q
+        for (int64_t i = 0; i < r; ++i) {
+          float sq = 0.0f;
+          for (int64_t j = 0; j < r; ++j) sq += s[i * r + j] * q[j];
+          read[i] = is_valid ? sq : 0.0f;
+        }
+        continue;
+      }
+      float* s_next = next.data_ptr<float>() + n * r * r;
+      const float* v = y_row + 2 * d + head * r;
       unit_tanh(y_row + d + head * r, k.data(), r, normalize_qk);
       for (int64_t i = 0; i < g; ++i) {
         const float beta = sigmoid(y_row[3 * d + head * g + i] + b[head * g + i]);
         const int64_t keep_at = heads * g + head * g + i;  // the keep gate follows all write gates
         const float lambda = couple_lambda ? 1.0f - beta : sigmoid(y_row[3 * d + keep_at] + b[keep_at]);
-        beta_all[n * g + i] = beta;
+        beta_out.data_ptr<float>()[n * g + i] = beta;
         keep[i] = mode == kNoLambda ? 1.0f : lambda;
         erase[i] = mode == kLambdaOutside ? lambda * beta : beta;
-        write[i] = beta;
+        write_coef[i] = beta;
       }
       // Read before write: S q and S k from the old state.
       for (int64_t i = 0; i < r; ++i) {
@@ -154,7 +162,7 @@ std::vector<torch::Tensor> decode_step(torch::Tensor x, std::vector<torch::Tenso
       }
       for (int64_t i = 0; i < r; ++i) {
         const int64_t gi = g == 1 ? 0 : i;
-        const float u = write[gi] * v[i] - erase[gi] * s_k[i];
+        const float u = write_coef[gi] * v[i] - erase[gi] * s_k[i];
         for (int64_t j = 0; j < r; ++j) s_next[i * r + j] = keep[gi] * s[i * r + j] + u * k[j];
       }
     }

@@ -110,6 +110,14 @@ clean:
 benchmarks: $(STAMP)
 	$(PY) benchmarks/scan.py --threads 1 --docs docs/benchmarks.md
 	$(PY) benchmarks/model_overhead.py --threads 1
+	for batch in 1 8; do \
+	  $(PY) benchmarks/model_overhead.py --threads 1 --only decode --decode-batch $$batch \
+	    --out benchmarks/results/model_overhead_decode_b$$batch.json && \
+	  $(PY) benchmarks/model_overhead.py --threads 1 --only decode --decode-batch $$batch --fused-decode \
+	    --out benchmarks/results/model_overhead_decode_b$${batch}_fused.json; \
+	done
+	$(PY) benchmarks/model_overhead.py --threads 1 --only decode --decode-read-only --fused-decode \
+	  --out benchmarks/results/model_overhead_decode_b1_read_only_fused.json
 	$(PY) benchmarks/history_scaling.py --threads 1
 	$(PY) benchmarks/serving.py
 

@@ -104,7 +104,7 @@ clean:
 	rm -rf $(VENV) $(LATEST_VENV) $(OLDEST_VENV) $(LOCK_VENV) $(VLLM_VENV) build dist *.egg-info
 
 # `make benchmarks` reruns every benchmark at full size, one torch thread, each writing benchmarks/results/<name>.json;
-# the scan grid also rewrites its tables in docs/benchmarks.md. Run it on an otherwise idle machine (about an hour on
+# the scan grid also rewrites its tables in docs/benchmarks.md. Run it on an otherwise idle machine (about 75 minutes on
 # 2 cores): the scripts report ratios measured in one run, and other jobs make even those noisy.
 .PHONY: benchmarks
 benchmarks: $(STAMP)

@@ -16,9 +16,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .config import DELTA_HEADS, DeltaMemConfig
+from .fused_decoding import FusedPlan, fused_plan, fused_step
 from .memory.context import CONTEXT_KWARG, MemoryCallContext
 from .ops import delta_rule_scan
-from .ops import fused as fused_decode
 from .ops.fused import fused_decode_enabled
 
 PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
@@ -97,34 +97,7 @@ class _Plan(NamedTuple):
     deltas: tuple[nn.Linear, ...]  # their W_Δ, same order
     o_norm: nn.Parameter | None
     scale: nn.Parameter | None  # raw learned scale, None when the scale is the constant config.scale
-    fused: _FusedPlan | None  # the fused decode step's fixed arguments; None where it does not apply
-
-
-class _FusedPlan(NamedTuple):
-    """What the fused decode step (:mod:`peft_deltamem.ops.fused`) takes besides the call's tensors, worked out once
-    per adapter: a decode step runs this for every layer and token."""
-
-    modules: tuple[nn.Linear, ...]  # input projections (q, k, v, β[, λ]), then the correction heads
-    inputs: int  # how many of ``modules`` are input projections
-    gates: tuple[nn.Linear, ...]  # β[, λ]: their biases
-    options: tuple  # scale, heads, r, normalize_qk, couple_lambda, mode index, gate width
-    token_writes: bool  # the adapter writes tokens (segment writes take the eager path; reads need not)
-
-
-def _fused_plan(
-    config: DeltaMemConfig, inputs: dict[str, nn.Linear], deltas: tuple, o_norm, scale
-) -> _FusedPlan | None:
-    """The fused decode step's fixed arguments, or None for what it does not compute (a learned scale, an
-    RMS-normalised o head)."""
-    if o_norm is not None or scale is not None:
-        return None
-    heads = config.num_state_heads
-    mode = fused_decode.MODES.index(config.state_update_mode)
-    gate_width = inputs["write_gate"].out_features // heads
-    options = (config.scale, heads, config.r, config.normalize_qk, config.couple_lambda, mode, gate_width)
-    gates = tuple(module for name, module in inputs.items() if name in ("write_gate", "keep_gate"))
-    token_writes = config.write_granularity == "token"
-    return _FusedPlan((*inputs.values(), *deltas), len(inputs), gates, options, token_writes)
+    fused: FusedPlan | None  # the fused decode step's fixed arguments (peft_deltamem.fused_decoding); None: n/a
 
 
 _PLANS = "_deltamem_plans"
@@ -301,7 +274,7 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
             o_norm = self.deltamem_delta_o_norm[adapter] if adapter in self.deltamem_delta_o_norm else None
             scale = self.deltamem_delta_scale[adapter] if adapter in self.deltamem_delta_scale else None
             plan = plans[adapter] = _Plan(
-                config, inputs, heads, deltas, o_norm, scale, _fused_plan(config, inputs, deltas, o_norm, scale)
+                config, inputs, heads, deltas, o_norm, scale, fused_plan(config, inputs, deltas, o_norm, scale)
             )
         return plan
 
@@ -333,7 +306,10 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
             # keeps the backward pass out of the frozen backbone.
             self.memory_step(adapter, hidden_states.detach(), context)
             return self.base_layer(*args, **kwargs)
-        corrections = self._fused_decode(adapter, hidden_states, context) if fused_decode_enabled() else None
+        corrections = None
+        if fused_decode_enabled():  # one C++ call for a decoded token; None where it does not apply
+            plan = self._plan(adapter)
+            corrections = fused_step(plan.fused, plan.heads, self.memory_key, hidden_states, context)
         if corrections is None:
             corrections = self.corrections(adapter, self.memory_step(adapter, hidden_states, context))
         for head, delta in corrections.items():
@@ -389,45 +365,6 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
         if heads == 1:  # [B, T, r] already
             return reads
         return reads.view(batch, heads, length, r).transpose(1, 2).reshape(batch, length, heads * r)
-
-    def _fused_decode(
-        self, adapter: str, hidden_states: torch.Tensor, context: MemoryCallContext
-    ) -> dict[str, torch.Tensor] | None:
-        """Memory step and corrections of one decoded token in one C++ call (:mod:`peft_deltamem.ops.fused`): the
-        corrections by head, the state after a write recorded in ``context`` (a read-only call records nothing, as
-        the eager path). None where it does not apply (more than one token, a segment write, gradients wanted, not float32 on the CPU, see also :func:`_fused_plan`): the eager
-        path then runs, having lost nothing (the fused step changes nothing before it returns)."""
-        plan = self._plan(adapter)
-        fused = plan.fused
-        batch, length, _ = hidden_states.shape
-        if fused is None or length != 1 or hidden_states.dtype != torch.float32:
-            return None
-        if context.write and not fused.token_writes:  # a segment write: one write per segment, the eager path's
-            return None
-        weights = [m.weight for m in fused.modules]
-        if torch.is_grad_enabled() and (hidden_states.requires_grad or any(w.requires_grad for w in weights)):
-            return None
-        heads = fused.options[1]
-        gate_bias = fused.gates[0].bias if len(fused.gates) == 1 else torch.cat([m.bias for m in fused.gates])
-        token_mask = context.token_mask  # [B, 1]
-        outputs = fused_decode.decode_step(
-            hidden_states,
-            weights[: fused.inputs],
-            gate_bias,
-            context.initial_state(self.memory_key),
-            None if context.all_valid else token_mask,
-            context.write,
-            weights[fused.inputs :],
-            *fused.options,
-        )
-        if not outputs:  # some tensor is not float32 on the CPU (checked there, at no cost here): the eager path's
-            return None
-        _, final_state, write_gate, *corrections = outputs
-        if context.write:
-            if heads > 1:
-                token_mask = token_mask.repeat_interleave(heads, dim=0)
-            context.record(self.memory_key, final_state, write_gate, token_mask)
-        return dict(zip(plan.heads, corrections, strict=True))
 
     @staticmethod
     def _fold(t: torch.Tensor, heads: int) -> torch.Tensor:

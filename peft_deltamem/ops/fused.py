@@ -1,13 +1,15 @@
 """The fused decode step: one C++ call for a δ-mem layer's memory step on one token (docs/benchmarks.md, "Decode").
 
 Decoding one token runs the memory step of every adapted layer on vectors of r floats: some forty operator calls per
-layer, each costing more than its arithmetic. :func:`decode_step` does the same arithmetic (the projections in one
-matmul, then q/k normalisation, the gates, the read and the write of docs/design.md §1) in one call of a small C++
-extension, built with :mod:`torch.utils.cpp_extension` the first time it is enabled (about a minute; cached after).
+layer, each costing more than its arithmetic. :func:`decode_step` does the same arithmetic (the projections, q/k
+normalisation, the gates, the read and the write of docs/design.md §1, and the correction heads) in one call of a
+small C++ extension, built with :mod:`torch.utils.cpp_extension` the first time it is enabled (about a minute; cached
+after).
 
 It is opt-in: :func:`enable_fused_decode` (or ``DELTAMEM_FUSED_DECODE=1`` in the environment) builds it, raising a
-clear error if it cannot be built (no C++ compiler); the layer then takes it for every call that decodes one token
-with token writes and no gradient, and the eager path for everything else. Its results match the eager path to
+clear error if it cannot be built (no C++ compiler); the layer then takes it for every one-token call without
+gradients that reads, or reads and writes the token (:mod:`peft_deltamem.fused_decoding`), and the eager path for
+everything else. Its results match the eager path to
 float32 round-off (tests/ops/test_fused.py).
 """
 

@@ -115,6 +115,8 @@ std::vector<torch::Tensor> decode_step(torch::Tensor x, std::vector<torch::Tenso
   const float* y = projected.data_ptr<float>();
   const float* b = bias.data_ptr<float>();
   const float* s_all = state.data_ptr<float>();
+  float* s_next_all = write ? next.data_ptr<float>() : nullptr;
+  float* beta_all = write ? beta_out.data_ptr<float>() : nullptr;
   float* read_all = reads.data_ptr<float>();
   std::vector<float> q(r), k(r), keep(g), erase(g), write_coef(g), s_k(r);
 
@@ -126,40 +128,35 @@ std::vector<torch::Tensor> decode_step(torch::Tensor x, std::vector<torch::Tenso
       const float* s = s_all + n * r * r;
       float* read = read_all + row * d + head * r;
       unit_tanh(y_row + head * r, q.data(), r, normalize_qk);
-      if (!write) {  // read only: S q
-        for (int64_t i = 0; i < r; ++i) {
-          float sq = 0.0f;
-          for (int64_t j = 0; j < r; ++j) sq += s[i * r + j] * q[j];
-          read[i] = is_valid ? sq : 0.0f;
+      if (write) {
+        unit_tanh(y_row + d + head * r, k.data(), r, normalize_qk);
+        for (int64_t i = 0; i < g; ++i) {
+          const float beta = sigmoid(y_row[3 * d + head * g + i] + b[head * g + i]);
+          const int64_t keep_at = heads * g + head * g + i;  // the keep gate follows all write gates
+          const float lambda = couple_lambda ? 1.0f - beta : sigmoid(y_row[3 * d + keep_at] + b[keep_at]);
+          beta_all[n * g + i] = beta;
+          keep[i] = mode == kNoLambda ? 1.0f : lambda;
+          erase[i] = mode == kLambdaOutside ? lambda * beta : beta;
+          write_coef[i] = beta;
         }
-        continue;
       }
-      float* s_next = next.data_ptr<float>() + n * r * r;
-      const float* v = y_row + 2 * d + head * r;
-      unit_tanh(y_row + d + head * r, k.data(), r, normalize_qk);
-      for (int64_t i = 0; i < g; ++i) {
-        const float beta = sigmoid(y_row[3 * d + head * g + i] + b[head * g + i]);
-        const int64_t keep_at = heads * g + head * g + i;  // the keep gate follows all write gates
-        const float lambda = couple_lambda ? 1.0f - beta : sigmoid(y_row[3 * d + keep_at] + b[keep_at]);
-        beta_out.data_ptr<float>()[n * g + i] = beta;
-        keep[i] = mode == kNoLambda ? 1.0f : lambda;
-        erase[i] = mode == kLambdaOutside ? lambda * beta : beta;
-        write_coef[i] = beta;
-      }
-      // Read before write: S q and S k from the old state.
+      // Read before write: S q (and S k for the write) from the old state.
       for (int64_t i = 0; i < r; ++i) {
         float sq = 0.0f, sk = 0.0f;
         for (int64_t j = 0; j < r; ++j) {
           sq += s[i * r + j] * q[j];
-          sk += s[i * r + j] * k[j];
+          if (write) sk += s[i * r + j] * k[j];
         }
         read[i] = is_valid ? sq : 0.0f;
         s_k[i] = sk;
       }
+      if (!write) continue;
+      float* s_next = s_next_all + n * r * r;
       if (!is_valid) {  // a masked token reads 0 and leaves S unchanged
         std::copy(s, s + r * r, s_next);
         continue;
       }
+      const float* v = y_row + 2 * d + head * r;
       for (int64_t i = 0; i < r; ++i) {
         const int64_t gi = g == 1 ? 0 : i;
         const float u = write_coef[gi] * v[i] - erase[gi] * s_k[i];

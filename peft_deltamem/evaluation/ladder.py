@@ -224,7 +224,9 @@ def _state(rng: random.Random, fact_type: str, value: str) -> str:
     return rng.choice(FACT_TYPES[fact_type].statements).format(v=value)
 
 
-def _build_history(rng: random.Random, level: int, fact_type: str, answer: str, split: str) -> list[Message]:
+def _build_history(
+    rng: random.Random, level: int, fact_type: str, answer: str, split: str, facts: int = 3
+) -> list[Message]:
     """History turns (fact statements, distractors) that lead up to a question about ``fact_type``."""
     if level == 1:
         return _fact_turns(rng, _state(rng, fact_type, answer))
@@ -233,11 +235,14 @@ def _build_history(rng: random.Random, level: int, fact_type: str, answer: str, 
         blocks += distractor_turns(rng, rng.randint(1, 3) if level == 2 else rng.randint(0, 2))
         return [m for block in blocks for m in block]
     if level == 3:
-        facts = {t: rng.choice(value_pool(t, split)) for t in CLOSED_FACT_TYPES if t != fact_type}
-        facts[fact_type] = answer
-        order = list(facts)
+        others = [t for t in CLOSED_FACT_TYPES if t != fact_type]
+        if facts < len(CLOSED_FACT_TYPES):  # fewer facts: a curriculum step (ARMT's 1 -> 2 -> 3 pairs)
+            others = rng.sample(others, facts - 1)
+        values = {t: rng.choice(value_pool(t, split)) for t in others}
+        values[fact_type] = answer
+        order = list(values)
         rng.shuffle(order)
-        blocks = [_fact_turns(rng, _state(rng, t, facts[t])) for t in order]
+        blocks = [_fact_turns(rng, _state(rng, t, values[t])) for t in order]
         for distractor in distractor_turns(rng, rng.randint(0, 2)):
             blocks.insert(rng.randint(1, len(blocks)), distractor)  # never before the first fact
         return [m for block in blocks for m in block]
@@ -260,6 +265,7 @@ def make_ladder(
     split: str = "train",
     fact_types: Sequence[str] | None = None,
     system: str | None = None,
+    facts: int | None = None,
 ) -> list[Example]:
     """Generate ``n`` examples of ladder ``level`` (1-7); deterministic in ``(level, n, seed, split, fact_types)``.
 
@@ -273,6 +279,8 @@ def make_ladder(
             ``("colour",)`` for the classic single-type level 1. At levels 6-7 (the working-style family,
             :mod:`~peft_deltamem.evaluation.style`) these are preference kinds, e.g. ``("capitals",)``.
         system: an optional system message put first in every conversation.
+        facts: level 3 only: how many facts of different closed types each conversation states, 2 or 3 (the
+            default, the level as defined); 2 is a step of a curriculum over the number of facts.
 
     Returns:
         TRL conversational records, see the module docstring. ``choices`` is the closed answer set (for
@@ -283,6 +291,8 @@ def make_ladder(
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     _check_split(split)
+    if facts is not None and (level != 3 or facts not in (2, len(CLOSED_FACT_TYPES))):
+        raise ValueError(f"facts applies to level 3 only and must be 2 or 3, got facts={facts!r} at level {level}")
     if level in STYLE_LEVELS:
         return make_style_examples(level, n, seed, split, fact_types, system)
     allowed = OPEN_FACT_TYPES if level == 5 else CLOSED_FACT_TYPES
@@ -290,7 +300,10 @@ def make_ladder(
     if not types or any(t not in allowed for t in types):
         raise ValueError(f"level {level} accepts fact types from {allowed}, got {fact_types!r}")
 
-    rng = random.Random(f"ladder/L{level}/{split}/{seed}/{','.join(types)}")
+    facts = facts or len(CLOSED_FACT_TYPES)
+    # the default keeps its stream (and so every conversation generated so far); fewer facts get their own
+    stream = f"ladder/L{level}/{split}/{seed}/{','.join(types)}" + ("" if facts == 3 else f"/facts{facts}")
+    rng = random.Random(stream)
     type_stream = balanced(rng, types)
     answer_streams = {t: balanced(rng, value_pool(t, split)) for t in types}
     examples: list[Example] = []
@@ -298,7 +311,7 @@ def make_ladder(
         fact_type = next(type_stream)
         answer = next(answer_streams[fact_type])
         messages: list[Message] = [{"role": "system", "content": system}] if system is not None else []
-        messages += _build_history(rng, level, fact_type, answer, split)
+        messages += _build_history(rng, level, fact_type, answer, split, facts)
         messages += [
             {"role": "user", "content": FACT_TYPES[fact_type].question},
             {"role": "assistant", "content": answer},

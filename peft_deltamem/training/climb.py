@@ -12,6 +12,7 @@ A plan file::
     overrides: [--deltamem.r, "16"]     # optional, as on the command line of deltamem train
     stages:                              # in order; fact_types 'all' (the default) or a list
       - {levels: [1], fact_types: [colour], steps: 100}
+      - {levels: [1, 3], facts: 2, steps: 200}   # facts: level 3 with 2 facts a conversation (default 3)
       - {levels: [1, 3], steps: 200}
     probe: {level: 3, n: 30, every: 25}  # optional
     eval: {levels: [1, 2, 3, 4, 5, 6, 7], n: 50, level: 3}   # level: the headline level of results.json
@@ -34,7 +35,7 @@ from .timed import TrainResult, ladder_dataset, load_recipe, train_adapter
 DEFAULT_PLAN = RECIPES_DIR / "smollm2-135m" / "climb-cpu.yaml"
 
 _PLAN_KEYS = {"recipe", "overrides", "stages", "probe", "eval"}
-_STAGE_KEYS = {"levels", "fact_types", "steps", "n_train"}
+_STAGE_KEYS = {"levels", "fact_types", "steps", "n_train", "facts"}
 
 
 class PlanError(ValueError):
@@ -49,6 +50,7 @@ class ClimbStage:
     steps: int
     fact_types: tuple[str, ...] | None = None  # None: every closed type (and each level's own default)
     n_train: int | None = None  # conversations generated; None: enough for every step to see new ones
+    facts: int | None = None  # facts per level-3 conversation (2 or 3); None: 3, the level as defined
 
 
 @dataclass(frozen=True)
@@ -107,11 +109,18 @@ def _stage(raw: Any, index: int, source: str) -> ClimbStage:
     else:
         raise _fail(source, f"{where}.fact_types", f"must be 'all' or a list of fact types, got {types!r}")
     n_train = raw.get("n_train")
+    levels = _level_list(raw["levels"], source, f"{where}.levels")
+    facts = raw.get("facts")
+    if facts is not None and (isinstance(facts, bool) or facts not in (2, 3) or 3 not in levels):
+        raise _fail(
+            source, f"{where}.facts", f"sets level 3's number of facts: 2 or 3, with 3 in levels, got {facts!r}"
+        )
     return ClimbStage(
-        levels=_level_list(raw["levels"], source, f"{where}.levels"),
+        levels=levels,
         steps=_positive(raw["steps"], source, f"{where}.steps"),
         fact_types=fact_types,
         n_train=None if n_train is None else _positive(n_train, source, f"{where}.n_train"),
+        facts=facts,
     )
 
 
@@ -193,10 +202,13 @@ def train_plan(
         n_train = stage.n_train or stage.steps * batch
         print(
             f"-- stage {index + 1}/{len(plan.stages)}: levels {list(stage.levels)}, fact types "
-            f"{list(stage.fact_types) if stage.fact_types else 'all'}, {stage.steps} steps --",
+            f"{list(stage.fact_types) if stage.fact_types else 'all'}"
+            f"{f', {stage.facts} facts at level 3' if stage.facts else ''}, {stage.steps} steps --",
             flush=True,
         )
-        dataset = ladder_dataset(stage.levels, n_train, seed=seed + 1000 * index, fact_types=stage.fact_types)
+        dataset = ladder_dataset(
+            stage.levels, n_train, seed=seed + 1000 * index, fact_types=stage.fact_types, facts=stage.facts
+        )
         recipe.training.max_steps = stage.steps  # steps, not time: the same work on a busy machine
         model, result = train_adapter(
             model,

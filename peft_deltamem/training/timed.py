@@ -172,13 +172,29 @@ def level_fact_types(level: int, fact_types: Sequence[str] | None) -> Sequence[s
     return ladder_level_fact_types(level, fact_types)
 
 
-def ladder_dataset(levels: Sequence[int], n: int, *, seed: int = 0, fact_types: Sequence[str] | None = None) -> Any:
-    """``n`` training conversations (``messages`` only) spread evenly over ``levels``, shuffled; a ``datasets.Dataset``."""
+def ladder_dataset(
+    levels: Sequence[int],
+    n: int,
+    *,
+    seed: int = 0,
+    fact_types: Sequence[str] | None = None,
+    facts: int | None = None,
+) -> Any:
+    """``n`` training conversations (``messages`` only) spread evenly over ``levels``, shuffled; a ``datasets.Dataset``.
+
+    ``facts`` (2 or 3) sets the number of facts in each level-3 conversation; the other levels ignore it."""
 
     rows = []
     for i, level in enumerate(levels):
         count = n // len(levels) + (1 if i < n % len(levels) else 0)
-        examples = make_ladder(level, count, seed=seed, split="train", fact_types=level_fact_types(level, fact_types))
+        examples = make_ladder(
+            level,
+            count,
+            seed=seed,
+            split="train",
+            fact_types=level_fact_types(level, fact_types),
+            facts=facts if level == 3 else None,
+        )
         rows += [{"messages": ex["messages"]} for ex in examples]
     random.Random(seed).shuffle(rows)
     return Dataset.from_list(rows)

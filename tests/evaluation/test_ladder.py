@@ -131,6 +131,34 @@ def test_distractors_and_acknowledgements_carry_no_answer_values():
         assert not re.search(r"\d", text)
 
 
+def _fact_statements(example):
+    return [m for m in history_messages(example) if m["role"] == "user" and m["content"] not in dict(DISTRACTORS)]
+
+
+def test_level_3_with_two_facts_a_curriculum_step():
+    """facts=2 states the asked fact and one other of a different type; the default (3) is the level as defined."""
+    examples = make_ladder(3, 90, seed=2, facts=2)
+    assert make_ladder(3, 90, seed=2, facts=3) == make_ladder(3, 90, seed=2)
+    others = Counter()
+    for ex in examples:
+        facts = _fact_statements(ex)
+        assert len(facts) == 2 and _distractor_count(ex) <= 2
+        stated = [
+            t
+            for t in CLOSED_FACT_TYPES
+            for f in facts
+            if any(f["content"] == s.format(v=v) for s in FACT_TYPES[t].statements for v in FACT_TYPES[t].values)
+        ]
+        assert sorted(stated) == sorted(set(stated)) and ex["fact_type"] in stated  # two types, one asked
+        assert any(ex["answer"] in f["content"] for f in facts)
+        others.update(set(stated) - {ex["fact_type"]})
+    assert set(others) == set(CLOSED_FACT_TYPES)  # the other fact is drawn from every other type
+    assert Counter(ex["fact_type"] for ex in examples) == Counter({t: 30 for t in CLOSED_FACT_TYPES})
+    for level, facts in ((1, 2), (3, 1), (3, 4), (6, 2)):
+        with pytest.raises(ValueError, match="facts applies to level 3 only and must be 2 or 3"):
+            make_ladder(level, 1, seed=0, facts=facts)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="level"):
         make_ladder(8, 1, seed=0)

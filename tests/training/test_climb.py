@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from peft_deltamem.evaluation.ladder import LEVELS
+from peft_deltamem.evaluation.ladder import DISTRACTORS, LEVELS
 from peft_deltamem.training.climb import DEFAULT_PLAN, ClimbStage, PlanError, climb_recipe, load_plan, parse_plan
+from peft_deltamem.training.timed import ladder_dataset
 
 GOOD = {"recipe": "smollm2-135m/tsw-cpu", "stages": [{"levels": [1], "fact_types": ["colour"], "steps": 5}]}
 
@@ -28,6 +29,21 @@ def test_a_plan_with_defaults() -> None:
     assert parse_plan({**GOOD, "stages": [{"levels": 3, "steps": 2, "fact_types": "all"}]}).stages[0] == ClimbStage(
         levels=(3,), steps=2
     )
+    two = parse_plan({**GOOD, "stages": [{"levels": [1, 3], "steps": 2, "facts": 2}]}).stages[0]
+    assert two == ClimbStage(levels=(1, 3), steps=2, facts=2)
+
+
+def test_a_stages_facts_reach_level_3_only() -> None:
+    """ladder_dataset with facts=2: level-3 rows state two facts instead of three, level-1 rows are unchanged."""
+
+    def facts_per_row(dataset) -> list[int]:  # user turns that are neither a distractor nor the final question
+        return sorted(
+            sum(m["role"] == "user" and m["content"] not in dict(DISTRACTORS) for m in row[:-2])
+            for row in dataset["messages"]
+        )
+
+    assert facts_per_row(ladder_dataset([1, 3], 40, seed=5)) == [1] * 20 + [3] * 20
+    assert facts_per_row(ladder_dataset([1, 3], 40, seed=5, facts=2)) == [1] * 20 + [2] * 20
 
 
 @pytest.mark.parametrize(
@@ -42,6 +58,8 @@ def test_a_plan_with_defaults() -> None:
         ({"stages": [{"levels": [1], "steps": 1, "lr": 1}]}, r"plan.yaml: stages\[0\]: unknown field 'lr'"),
         ({"eval": {"levels": [1, 2], "level": 3}}, "plan.yaml: eval.level: must be one of eval.levels"),
         ({"overrides": "--deltamem.r 16"}, "plan.yaml: overrides: must be a list"),
+        ({"stages": [{"levels": [1, 2], "steps": 1, "facts": 2}]}, r"stages\[0\].facts: .* with 3 in levels"),
+        ({"stages": [{"levels": [3], "steps": 1, "facts": 4}]}, r"stages\[0\].facts: .* 2 or 3, .* got 4"),
     ],
 )
 def test_a_bad_plan_names_the_file_and_the_field(change: dict, message: str) -> None:

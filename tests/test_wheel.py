@@ -74,8 +74,14 @@ def test_the_installed_package_finds_its_default_recipe(installed, tmp_path) -> 
     assert Path(recipe).is_relative_to(venv) and exists == "True" and named == "True" and int(rank) > 0
 
 
-def test_the_installed_package_ships_the_fused_decode_source(installed, tmp_path) -> None:
-    """enable_fused_decode() builds from the C++ file inside the package: the wheel must carry it."""
-    code = "from peft_deltamem.ops import fused; print(fused._SOURCE); print(fused._SOURCE.is_file())"
-    source, exists = _run([str(installed / "python"), "-c", code], cwd=tmp_path).stdout.split()
-    assert Path(source).is_relative_to(installed.parent) and exists == "True"
+def test_the_installed_package_ships_the_fused_sources(installed, tmp_path) -> None:
+    """enable_fused_decode() and enable_fused_scan() build from C++ files inside the package: the wheel must carry
+    them."""
+    code = (
+        "from peft_deltamem.ops import fused\n"
+        "for op in (fused._DECODE, fused._SCAN): print(op.source, op.source.is_file())"
+    )
+    words = _run([str(installed / "python"), "-c", code], cwd=tmp_path).stdout.split()
+    assert len(words) == 4
+    for source, exists in zip(words[::2], words[1::2], strict=True):
+        assert Path(source).is_relative_to(installed.parent) and exists == "True"

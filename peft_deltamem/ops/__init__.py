@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from .fused import disable_fused_decode, enable_fused_decode, fused_decode_enabled
+from .fused import (
+    disable_fused_decode,
+    disable_fused_scan,
+    enable_fused_decode,
+    enable_fused_scan,
+    fused_decode_enabled,
+    fused_scan_enabled,
+)
 from .recurrent import recurrent_delta_rule_scan
 
 __all__ = [
@@ -12,8 +19,11 @@ __all__ = [
     "auto_impl",
     "delta_rule_scan",
     "disable_fused_decode",
+    "disable_fused_scan",
     "enable_fused_decode",
+    "enable_fused_scan",
     "fused_decode_enabled",
+    "fused_scan_enabled",
 ]
 
 SCAN_IMPLS = ("auto", "recurrent", "chunked")

@@ -35,6 +35,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .fused import fused_scan_enabled, row_solve
+
 __all__ = ["chunked_delta_rule_scan", "default_chunk_size", "segment_tokens"]
 
 # Floats that one segment's largest intermediate may hold in the backward (256 KB; a few dozen such tensors are alive
@@ -249,6 +251,18 @@ def _solve(system: torch.Tensor, rhs: torch.Tensor, shared: bool, transpose: boo
     return torch.linalg.solve_triangular(a, rhs.unsqueeze(-1), upper=transpose).squeeze(-1)
 
 
+def _solve_chunk(f: tuple[torch.Tensor, ...], rhs: torch.Tensor, shared: bool, transpose: bool = False) -> torch.Tensor:
+    """One chunk's x = u / P' (or, with ``transpose``, its backward), ``f`` the chunk's (K Kᵀ, T, erase ⊙ P, P'). With
+    one system per row and the fused scan switched on, solved by substitution in C++ without forming the systems
+    (:func:`peft_deltamem.ops.fused.row_solve`)."""
+    kk, tk, ep, p_out = f
+    if not shared and fused_scan_enabled():
+        x = row_solve(kk, p_out, ep, rhs, transpose)
+        if x is not None:
+            return x
+    return _solve(_system(tk, ep, p_out, shared), rhs, shared, transpose)
+
+
 def _factored_forward(
     x: _Chunked, f: _Factors, s: torch.Tensor, shared: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -256,11 +270,11 @@ def _factored_forward(
     [N, nc, r, C])."""
     wv = x.write * x.v
     starts, xs = [], []
-    per_chunk = (wv, f.ep, x.k, f.kt, f.p_out, f.p_all, f.tk)
-    for wv_c, ep_c, k_c, kt_c, p_out_c, p_all_c, tk_c in zip(*(t.unbind(1) for t in per_chunk), strict=True):
+    per_chunk = (wv, x.k, f.kt, f.p_all, f.kk, f.tk, f.ep, f.p_out)
+    for wv_c, k_c, kt_c, p_all_c, *system_c in zip(*(t.unbind(1) for t in per_chunk), strict=True):
         starts.append(s)
-        rhs = torch.addcmul(wv_c, ep_c, s @ kt_c, value=-1.0)  # write⊙v − erase⊙P⊙(K s_0ᵀ)
-        x_c = _solve(_system(tk_c, ep_c, p_out_c, shared), rhs, shared)  # x = u / P'
+        rhs = torch.addcmul(wv_c, system_c[2], s @ kt_c, value=-1.0)  # write⊙v − erase⊙P⊙(K s_0ᵀ)
+        x_c = _solve_chunk(system_c, rhs, shared)  # x = u / P'
         xs.append(x_c)
         s = p_all_c * torch.baddbmm(s, x_c, k_c)  # P_C (s_0 + Σ_j x_j k_j)
     s_start, x_all = torch.stack(starts, dim=1), torch.stack(xs, dim=1)
@@ -292,13 +306,13 @@ def _factored_backward(
     ds_read = g_read @ x.q  # ... through s_0
     dws, dxs, drhss = [], [], []
     ds = d_state
-    per_chunk = (dx_read, ds_read, x.k, f.kt, f.p_out, f.p_all, f.ep, f.tk)
+    per_chunk = (dx_read, ds_read, x.k, f.kt, f.p_all, f.kk, f.tk, f.ep, f.p_out)
     chunks = zip(*(t.unbind(1) for t in per_chunk), strict=True)
-    for dx_read_c, ds_read_c, k_c, kt_c, p_out_c, p_all_c, ep_c, tk_c in reversed(list(chunks)):
+    for dx_read_c, ds_read_c, k_c, kt_c, p_all_c, *system_c in reversed(list(chunks)):
         dw = p_all_c * ds  # s_C = P_C w with w = s_0 + Σ_j x_j k_j
         dx = torch.baddbmm(dx_read_c, dw, kt_c)
-        drhs = _solve(_system(tk_c, ep_c, p_out_c, shared), dx, shared, transpose=True)
-        ds = torch.baddbmm(ds_read_c + dw, drhs * ep_c, k_c, alpha=-1.0)  # rhs has −erase⊙P⊙(K s_0ᵀ)
+        drhs = _solve_chunk(system_c, dx, shared, transpose=True)
+        ds = torch.baddbmm(ds_read_c + dw, drhs * system_c[2], k_c, alpha=-1.0)  # rhs has −erase⊙P⊙(K s_0ᵀ)
         dws.append(dw), dxs.append(dx), drhss.append(drhs)
     dw, dx, drhs = (torch.stack(t[::-1], dim=1) for t in (dws, dxs, drhss))
 

@@ -141,14 +141,20 @@ def test_steps_that_need_gradients_take_the_eager_path(fused_on, monkeypatch) ->
     assert grads and all(g is not None for g in grads)
 
 
-def test_the_environment_switch_fails_loudly_when_the_build_fails(monkeypatch) -> None:
-    monkeypatch.setenv(fused.ENV_FLAG, "1")
-    monkeypatch.setattr(fused, "_environment_read", False)
-    monkeypatch.setattr(fused, "_extension", None)
-    monkeypatch.setattr(fused, "_SOURCE", fused._SOURCE.with_name("missing.cpp"))
-    with pytest.raises(RuntimeError, match="could not build the fused decode step.*leave it off"):
-        fused.fused_decode_enabled()
-    assert not fused._enabled
+@pytest.mark.parametrize(
+    ("op", "asked", "what"),
+    [("_DECODE", "fused_decode_enabled", "the fused decode step"), ("_SCAN", "fused_scan_enabled", "the fused scan")],
+)
+def test_the_environment_switch_fails_loudly_when_the_build_fails(monkeypatch, op: str, asked: str, what: str) -> None:
+    native = getattr(fused, op)
+    monkeypatch.setenv(native.flag, "1")
+    monkeypatch.setattr(native, "environment_read", False)
+    monkeypatch.setattr(native, "extension", None)
+    monkeypatch.setattr(native, "enabled", False)
+    monkeypatch.setattr(native, "source", native.source.with_name("missing.cpp"))
+    with pytest.raises(RuntimeError, match=f"could not build {what}.*leave it off \\({native.flag} unset\\)"):
+        getattr(fused, asked)()
+    assert not native.enabled
 
 
 def test_adapter_weights_that_are_not_float32_take_the_eager_path(built) -> None:

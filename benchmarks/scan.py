@@ -1,6 +1,7 @@
 """Benchmark the memory recurrence: recurrent (token by token) vs chunked (chunkwise-parallel), docs/design.md §2.
 
     python benchmarks/scan.py --threads 1 [--docs docs/benchmarks.md] [--smoke] [--out benchmarks/results/scan.json]
+    python benchmarks/scan.py --threads 1 --fused-scan [--r 32 --n 16] --out benchmarks/results/scan_fused.json
 
 For every (T, r, N) of the grid it times, interleaved round by round (so load on a shared machine falls on all of
 them alike), the forward (under ``torch.no_grad``, the prefill path) and the forward+backward (gradients of a fixed
@@ -23,6 +24,10 @@ Plus one extra shape for the ≥ 20× bar: T 8192, r 8, N 1 with a random mask (
 state. Inputs look like the layer's: q, k = l2norm(tanh(·)), β = sigmoid(· − 1.5) rank-wise, keep = 1 − β (standard
 mode, coupled λ), a random initial state. The chunked form runs with its default chunk size for the shape
 (``chunk_size=None``); a sweep over chunk sizes on three shapes shows what that rule picks from.
+
+``--fused-scan`` runs the chunked form with the fused per-row solve (:func:`peft_deltamem.ops.enable_fused_scan`,
+opt-in C++, built first); ``--r`` / ``--n`` keep only those ranks / row counts of the grid (and skip the chunk-size
+sweep and the short-sequence crossover).
 
 ``--docs PATH`` rewrites the part of PATH between ``<!-- scan-results:begin -->`` and ``<!-- scan-results:end -->``
 with the tables of this run.
@@ -388,18 +393,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per shape (default 5; smoke 1)")
     parser.add_argument("--slow-rounds", type=int, default=3, help="timed rounds at the grid's largest T")
     parser.add_argument("--docs", type=Path, default=None, help="rewrite this file's scan results section")
+    parser.add_argument("--fused-scan", action="store_true", help="chunked form with the fused C++ per-row solve")
+    parser.add_argument("--r", type=int, nargs="+", default=None, help="only these ranks of the grid")
+    parser.add_argument("--n", type=int, nargs="+", default=None, help="only these row counts N of the grid")
     _timing.add_probe_args(parser, ("SHAPE", "IMPL"))
     args = _timing.parse_args(parser, argv)
     device = torch.device(args.device)
+    if args.fused_scan:
+        from peft_deltamem.ops import enable_fused_scan
+
+        enable_fused_scan()
     if args.probe:
         _probe(args.probe[0], device)
         return {}
-    grid = SMOKE if args.smoke else FULL
+    grid = dict(SMOKE if args.smoke else FULL)
+    subset = bool(args.r or args.n)
+    if subset and args.docs:
+        parser.error("--docs rewrites the tables of the whole grid: leave out --r and --n")
+    grid.update({"r": tuple(args.r or grid["r"]), "N": tuple(args.n or grid["N"])})
     rounds = args.rounds or (1 if args.smoke else 5)
     slow_rounds = min(rounds, args.slow_rounds)
 
     def peak(n: int, t: int, r: int, masked: bool) -> dict[str, Any]:
         probe = ["--device", args.device, "--probe", f"{t},{r},{n},{int(masked)}", "chunked"]
+        probe += ["--fused-scan"] if args.fused_scan else []
         return _timing.measure_peak(
             lambda: None, Path(__file__), probe, in_process=args.in_process_memory, threads=args.threads
         )
@@ -428,10 +445,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t, r, n = grid["masked"]
     masked = run_case(n, t, r, device=device, rounds=slow_rounds, masked=True, peak=peak)
     print(f"masked T={t} r={r} N={n}: fwd+bwd {masked['fwdbwd_speedup']:.1f}×", flush=True)
-    sweep = chunk_sweep(
-        grid["chunk_sweep_T"], grid["chunk_sweep_shapes"], grid["chunk_sweep"], device=device, rounds=min(rounds, 3)
-    )
-    cross = crossover(grid["crossover_T"], grid["crossover_shapes"], device=device, rounds=max(rounds, 5) * 2)
+    sweep, cross = [], []
+    if not subset:  # the chunk-size sweep and the short-sequence crossover are about the whole grid
+        sweep_rounds, cross_rounds = min(rounds, 3), max(rounds, 5) * 2
+        sweep = chunk_sweep(
+            grid["chunk_sweep_T"], grid["chunk_sweep_shapes"], grid["chunk_sweep"], device=device, rounds=sweep_rounds
+        )
+        cross = crossover(grid["crossover_T"], grid["crossover_shapes"], device=device, rounds=cross_rounds)
     gflops_end, gbs_end = _timing.matmul_gflops(device), _timing.memory_bandwidth_gbs(device)
     gflops, gbs = max(gflops_start, gflops_end), max(gbs_start, gbs_end)
     for row in (*rows, masked):  # the limit: the best throughputs measured in the run
@@ -455,6 +475,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "max abs diff: largest difference recurrent vs chunked over reads, final state and every gradient.",
         "Inputs: gates [N, T, r] (rank-wise), standard mode, keep = 1 - beta, initial state 0.1·randn; float32.",
     ]
+    if args.fused_scan:
+        notes.append("The chunked form solves its per-row systems with the fused C++ solve (--fused-scan).")
     machine["load_average_end"] = _timing.load_average()
     table_rows = [*rows, {**masked, "T": f"{masked['T']} (masked)"}]
     table = _timing.markdown_table(table_rows, COLUMNS)
@@ -474,6 +496,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "slow_rounds": slow_rounds,
             "grid": grid,
             "device": str(device),
+            "fused_scan": args.fused_scan,
             "matmul_gflops": {"start": gflops_start, "end": gflops_end, "used": gflops},
             "copy_gbs": {"start": gbs_start, "end": gbs_end, "used": gbs},
             "flops": "7*N*T*r^2 forward, 3x that forward+backward",

@@ -76,6 +76,29 @@ def test_scan_smoke_writes_expected_json(tmp_path: Path, capsys: pytest.CaptureF
     assert "old table" not in text and "| T | r | N |" in text and "fwd+bwd chunked % of limit" in text
 
 
+@pytest.mark.slow  # builds the fused solve (about a minute the first time)
+def test_scan_fused_subset(tmp_path: Path) -> None:
+    """--fused-scan with --n: only those rows of the grid, the chunked form through the fused solve (counted), its
+    results as close to the token loop as the eager solve's; --docs refuses a subset."""
+    scan = load_benchmark("scan")
+    from peft_deltamem.ops import chunked, disable_fused_scan, fused
+
+    calls = []
+    original = fused.row_solve
+    try:
+        chunked.row_solve = lambda *a: calls.append(1) or original(*a)
+        out = tmp_path / "scan_fused.json"
+        data = run_benchmark(scan, ["--smoke", "--fused-scan", "--n", "2", "--out", str(out), "--in-process-memory"])
+    finally:
+        chunked.row_solve = original
+        disable_fused_scan()
+    assert calls and data["settings"]["fused_scan"] is True
+    assert {row["N"] for row in data["rows"]} == {2} and data["chunk_sweep"] == [] and data["crossover"] == []
+    assert all(row["max_diff"] < 1e-5 for row in data["rows"])
+    with pytest.raises(SystemExit):
+        run_benchmark(scan, ["--smoke", "--n", "2", "--docs", str(tmp_path / "x.md")])
+
+
 def test_scan_peak_probe_in_subprocess() -> None:
     """The peak memory of the full run is measured in a fresh interpreter running the script with --probe."""
     scan = load_benchmark("scan")

@@ -109,6 +109,7 @@ clean:
 .PHONY: benchmarks
 benchmarks: $(STAMP)
 	$(PY) benchmarks/scan.py --threads 1 --docs docs/benchmarks.md
+	$(PY) benchmarks/scan.py --threads 1 --fused-scan --out benchmarks/results/scan_fused.json
 	$(PY) benchmarks/model_overhead.py --threads 1
 	for batch in 1 8; do \
 	  $(PY) benchmarks/model_overhead.py --threads 1 --only decode --decode-batch $$batch \

@@ -128,6 +128,9 @@ FACT_TYPES: dict[str, FactType] = {
 }
 
 CLOSED_FACT_TYPES: tuple[str, ...] = ("colour", "weekday", "digit")
+#: How many facts a level-3 conversation may state (``make_ladder(3, ..., facts=)``): the level as defined states one
+#: of every closed type; two is a step of a curriculum over the number of facts.
+LEVEL_3_FACTS: tuple[int, ...] = (2, len(CLOSED_FACT_TYPES))
 OPEN_FACT_TYPES: tuple[str, ...] = ("name", "code")
 
 # L5 value pools: a fixed split, independent of the user's seed, so train and test never share a value.
@@ -225,7 +228,7 @@ def _state(rng: random.Random, fact_type: str, value: str) -> str:
 
 
 def _build_history(
-    rng: random.Random, level: int, fact_type: str, answer: str, split: str, facts: int = 3
+    rng: random.Random, level: int, fact_type: str, answer: str, split: str, facts: int = LEVEL_3_FACTS[-1]
 ) -> list[Message]:
     """History turns (fact statements, distractors) that lead up to a question about ``fact_type``."""
     if level == 1:
@@ -291,7 +294,7 @@ def make_ladder(
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     _check_split(split)
-    if facts is not None and (level != 3 or facts not in (2, len(CLOSED_FACT_TYPES))):
+    if facts is not None and (level != 3 or facts not in LEVEL_3_FACTS):
         raise ValueError(f"facts applies to level 3 only and must be 2 or 3, got facts={facts!r} at level {level}")
     if level in STYLE_LEVELS:
         return make_style_examples(level, n, seed, split, fact_types, system)
@@ -300,9 +303,11 @@ def make_ladder(
     if not types or any(t not in allowed for t in types):
         raise ValueError(f"level {level} accepts fact types from {allowed}, got {fact_types!r}")
 
-    facts = facts or len(CLOSED_FACT_TYPES)
+    facts = facts or LEVEL_3_FACTS[-1]
     # the default keeps its stream (and so every conversation generated so far); fewer facts get their own
-    stream = f"ladder/L{level}/{split}/{seed}/{','.join(types)}" + ("" if facts == 3 else f"/facts{facts}")
+    stream = f"ladder/L{level}/{split}/{seed}/{','.join(types)}" + (
+        "" if facts == LEVEL_3_FACTS[-1] else f"/facts{facts}"
+    )
     rng = random.Random(stream)
     type_stream = balanced(rng, types)
     answer_streams = {t: balanced(rng, value_pool(t, split)) for t in types}
@@ -351,6 +356,7 @@ __all__ = [
     "DISTRACTORS",
     "FACT_TYPES",
     "LEVELS",
+    "LEVEL_3_FACTS",
     "OPEN_FACT_TYPES",
     "FactType",
     "accepted_fact_types",

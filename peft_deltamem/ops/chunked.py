@@ -177,7 +177,9 @@ FACTORED_MIN_DECAY = 1e-20
 
 
 class _Chunked(NamedTuple):
-    """One segment cut into chunks, rows first: gates [N, nc, g, C] (g = 1 or r), q/k [N, nc, C, r], v [N, nc, r, C]."""
+    """One segment cut into chunks, token-major like the inputs: q, k, v [N, nc, C, r], gates [N, nc, C, g] (g = 1 or
+    r). Every tensor of the factored form keeps this layout (a token per row, a state row per column), so nothing is
+    transposed into another one: the matmuls read transposed operands in place."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -188,104 +190,105 @@ class _Chunked(NamedTuple):
 
 
 def _cut(inputs: Sequence[torch.Tensor], chunk: int) -> _Chunked:
-    q, k, v, keep, erase, write = inputs
-    n, length, _ = q.shape
-    nc = length // chunk
-
-    def chunks(x: torch.Tensor) -> torch.Tensor:  # [N, L, f] -> [N, nc, C, f]
-        return x.reshape(n, nc, chunk, x.shape[-1])
-
-    rows = (chunks(x).transpose(-1, -2).contiguous() for x in (v, keep, erase, write))  # contiguous: see _system
-    return _Chunked(chunks(q), chunks(k), *rows)
-
-
-def _uncut(x: torch.Tensor) -> torch.Tensor:
-    """Rows-first [N, nc, f, C] -> [N, nc·C, f]."""
-    n, nc, f, c = x.shape
-    return x.transpose(-1, -2).reshape(n, nc * c, f)
+    # Contiguous: a segment is a slice of the sequence, so its batch dims (N, nc) do not merge into one, and every
+    # batched matmul reading it would copy it again (q and k are read by several).
+    n, length, _ = inputs[0].shape
+    return _Chunked(*(x.reshape(n, length // chunk, chunk, x.shape[-1]).contiguous() for x in inputs))
 
 
 class _Factors(NamedTuple):
-    """What a segment's chunks need besides their inputs. Matmul operands are contiguous in the layout each product
-    reads (a batched CPU matmul of transposed views is several times slower)."""
+    """What a segment's chunks need besides their inputs, token-major."""
 
-    p_in: torch.Tensor  # P_t = Π_{m<t} keep_m, [N, nc, gk, C]
+    p_in: torch.Tensor  # P_t = Π_{m<t} keep_m, [N, nc, C, gk]
     p_out: torch.Tensor  # P'_j = Π_{m≤j} keep_m
-    p_all: torch.Tensor  # P_C, [N, nc, gk, 1]
-    ep: torch.Tensor  # erase ⊙ P, [N, nc, g, C]
-    kt: torch.Tensor  # Kᵀ, [N, nc, r, C]
-    qt: torch.Tensor  # Qᵀ
-    kk: torch.Tensor  # K Kᵀ, [N, nc, C, C]: T = tril₋₁(K Kᵀ), Tᵀ = triu₁(K Kᵀ)
-    tk: torch.Tensor  # T
-    tq_t: torch.Tensor  # Rᵀ = triu₁(K Qᵀ), R = tril₋₁(Q Kᵀ)
+    p_all: torch.Tensor  # P_C, [N, nc, gk, 1]: a factor per state row
+    ep: torch.Tensor  # erase ⊙ P, [N, nc, C, g]
+    kk: torch.Tensor  # K Kᵀ, [N, nc, C, C]
+    tk: torch.Tensor  # T = tril₋₁(K Kᵀ)
+    rq: torch.Tensor  # R = tril₋₁(Q Kᵀ)
 
 
-def _factors(x: _Chunked, shared: bool) -> _Factors:
-    p_out = x.keep.cumprod(-1)
-    p_in = torch.cat([torch.ones_like(p_out[..., :1]), p_out[..., :-1]], dim=-1)
-    kt, qt = x.k.transpose(-1, -2).contiguous(), x.q.transpose(-1, -2).contiguous()
-    kk = x.k @ kt
-    tq_t = (x.k @ qt).triu(1)
-    return _Factors(p_in, p_out, p_out[..., -1:], x.erase * p_in, kt, qt, kk, kk.tril(-1), tq_t)
-
-
-def _system(tk: torch.Tensor, ep: torch.Tensor, p_out: torch.Tensor, shared: bool) -> torch.Tensor:
-    """One chunk's system matrix for x = u / P': diag(P') + diag(erase ⊙ P) T, lower triangular: [N, C, C] with shared
-    gates, else one per row [N, r, C, C]. Formed chunk by chunk, while the chunk is in cache. Its factors are
-    contiguous (see _cut), so it is too: the triangular solver would otherwise copy it."""
-    system = tk * ep[:, 0, :, None] if shared else tk.unsqueeze(1) * ep.unsqueeze(-1)  # ep has the full width g
-    system.diagonal(dim1=-2, dim2=-1).copy_(p_out[:, 0] if shared else p_out)
-    return system
+def _factors(x: _Chunked) -> _Factors:
+    p_out = x.keep.cumprod(-2)
+    p_in = torch.cat([torch.ones_like(p_out[..., :1, :]), p_out[..., :-1, :]], dim=-2)
+    kk = x.k @ x.k.mT
+    rq = (x.q @ x.k.mT).tril_(-1)
+    return _Factors(p_in, p_out, p_out[..., -1:, :].mT, x.erase * p_in, kk, kk.tril(-1), rq)
 
 
 def _factored_ok(x: _Chunked, f: _Factors) -> bool:
     return bool(x.keep.min() >= FACTORED_MIN_KEEP) and bool(f.p_all.min() >= FACTORED_MIN_DECAY)
 
 
-def _solve(system: torch.Tensor, rhs: torch.Tensor, shared: bool, transpose: bool = False) -> torch.Tensor:
-    """system · x = rhs for every row (rhs [N, r, C]), or systemᵀ · x = rhs with ``transpose``. Shared gates: one
-    system [N, C, C] whose right-hand sides are the rows; else one system per row [N, r, C, C]."""
-    a = system.transpose(-1, -2) if transpose else system
+class _Solver(NamedTuple):
+    """How a segment's chunks solve for x = u / P', and the operands each chunk's solve reads, [N, nc, ...] (one chunk
+    is ``[:, i]``), each in the layout its solver wants, made once per segment rather than once per chunk:
+
+    - ``"fused"`` (one system per state row, the fused scan on, CPU): the C++ substitution reads K Kᵀ and the
+      token-major P' and erase ⊙ P (:func:`peft_deltamem.ops.fused.row_solve`), no system is formed;
+    - ``"shared"`` (keep and erase shared by the rows): one C×C system per chunk, the rows are its right-hand sides;
+    - ``"rows"``: one C×C system per state row, formed and handed to the batched triangular solver, which wants erase ⊙ P
+      and P' rows-first ([N, nc, r, C]).
+    """
+
+    kind: str
+    operands: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _solver(f: _Factors, shared: bool) -> _Solver:
     if shared:
-        return torch.linalg.solve_triangular(a, rhs.transpose(-1, -2), upper=transpose).mT
-    return torch.linalg.solve_triangular(a, rhs.unsqueeze(-1), upper=transpose).squeeze(-1)
+        return _Solver("shared", (f.tk, f.ep, f.p_out))
+    if fused_scan_enabled() and f.kk.device.type == "cpu":
+        return _Solver("fused", (f.kk, f.p_out, f.ep))  # row_solve's order: gram, P', erase ⊙ P
+    return _Solver("rows", (f.tk, f.ep.mT.contiguous(), f.p_out.mT.contiguous()))
 
 
-def _solve_chunk(f: tuple[torch.Tensor, ...], rhs: torch.Tensor, shared: bool, transpose: bool = False) -> torch.Tensor:
-    """One chunk's x = u / P' (or, with ``transpose``, its backward), ``f`` the chunk's (K Kᵀ, T, erase ⊙ P, P'). With
-    one system per row and the fused scan switched on, solved by substitution in C++ without forming the systems
-    (:func:`peft_deltamem.ops.fused.row_solve`)."""
-    kk, tk, ep, p_out = f
-    if not shared and fused_scan_enabled():
-        x = row_solve(kk, p_out, ep, rhs, transpose)
-        if x is not None:
-            return x
-    return _solve(_system(tk, ep, p_out, shared), rhs, shared, transpose)
+def _solve_chunk(
+    kind: str, operands: Sequence[torch.Tensor], rhs: torch.Tensor, transpose: bool = False
+) -> torch.Tensor:
+    """One chunk's x = u / P' from its right-hand side (token-major [N, C, r], a column per state row) with the system
+    of the module's factored form, diag(P') + diag(erase ⊙ P) T, lower triangular; or, with ``transpose``, the
+    backward's solve with its transpose. ``kind`` and ``operands`` (this chunk's) as in :class:`_Solver`."""
+    if kind == "fused":
+        x = row_solve(*operands, rhs, transpose)
+        if x is None:  # only float32 CPU tensors reach here (_solver): a wrong build or a new caller, say so
+            raise RuntimeError("chunked scan: the fused scan solve declined float32 CPU inputs")
+        return x
+    tk, ep, p_out = operands
+    if kind == "shared":
+        system = tk * ep  # row t of T times erase_t P_t
+        system.diagonal(dim1=-2, dim2=-1).copy_(p_out[..., 0])
+        return torch.linalg.solve_triangular(system.mT if transpose else system, rhs, upper=transpose)
+    system = tk.unsqueeze(1) * ep.unsqueeze(-1)  # [N, r, C, C], contiguous as the solver reads it
+    system.diagonal(dim1=-2, dim2=-1).copy_(p_out)
+    a = system.mT if transpose else system
+    return torch.linalg.solve_triangular(a, rhs.mT.unsqueeze(-1), upper=transpose).squeeze(-1).mT
 
 
 def _factored_forward(
     x: _Chunked, f: _Factors, s: torch.Tensor, shared: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (reads [N, nc, r, C] rows first, final state, start state per chunk [N, nc, r, r], x = u / P' per chunk
-    [N, nc, r, C])."""
+    """Returns (reads [N, nc, C, r], final state, start state per chunk [N, nc, r, r], x = u / P' per chunk
+    [N, nc, C, r])."""
     wv = x.write * x.v
     starts, xs = [], []
-    per_chunk = (wv, x.k, f.kt, f.p_all, f.kk, f.tk, f.ep, f.p_out)
-    for wv_c, k_c, kt_c, p_all_c, kk_c, tk_c, ep_c, p_out_c in zip(*(t.unbind(1) for t in per_chunk), strict=True):
+    solver = _solver(f, shared)
+    per_chunk = (wv, x.k, f.p_all, f.ep, *solver.operands)
+    for wv_c, k_c, p_all_c, ep_c, *operands_c in zip(*(t.unbind(1) for t in per_chunk), strict=True):
         starts.append(s)
-        rhs = torch.addcmul(wv_c, ep_c, s @ kt_c, value=-1.0)  # write⊙v − erase⊙P⊙(K s_0ᵀ)
-        x_c = _solve_chunk((kk_c, tk_c, ep_c, p_out_c), rhs, shared)  # x = u / P'
+        rhs = torch.addcmul(wv_c, ep_c, torch.bmm(k_c, s.mT), value=-1.0)  # write⊙v − erase⊙P⊙(K s_0ᵀ)
+        x_c = _solve_chunk(solver.kind, operands_c, rhs)  # x = u / P'
         xs.append(x_c)
-        s = p_all_c * torch.baddbmm(s, x_c, k_c)  # P_C (s_0 + Σ_j x_j k_j)
+        s = p_all_c * torch.baddbmm(s, x_c.mT, k_c)  # P_C (s_0 + Σ_j x_j k_j)
     s_start, x_all = torch.stack(starts, dim=1), torch.stack(xs, dim=1)
-    reads = x_all @ f.tq_t  # R x
-    reads += s_start @ f.qt  # Q s_0ᵀ
+    reads = f.rq @ x_all  # R x
+    reads += x.q @ s_start.mT  # Q s_0ᵀ
     return reads.mul_(f.p_in), s, s_start, x_all
 
 
 def _rows_to(grad: torch.Tensor, width: int) -> torch.Tensor:
-    """Sum a per-row gradient [N, nc, r, C] over the rows where its gate is shared ([N, nc, 1, C])."""
-    return grad.sum(2, keepdim=True) if width == 1 else grad
+    """Sum a per-row gradient [N, nc, C, r] over the rows where its gate is shared ([N, nc, C, 1])."""
+    return grad.sum(-1, keepdim=True) if width == 1 else grad
 
 
 def _factored_backward(
@@ -298,54 +301,55 @@ def _factored_backward(
     d_state: torch.Tensor,
     shared: bool,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Gradients of a segment w.r.t. its chunked inputs (as :class:`_Chunked`, rows first) and its start state, from
-    what its forward kept (each chunk's start state and x = u / P', and the reads it returned), given ``d_reads``
-    (rows first, contiguous [N, nc, r, C]) and ``d_state`` (the gradient of the state after the segment)."""
+    """Gradients of a segment w.r.t. its chunked inputs (as :class:`_Chunked`) and its start state, from what its
+    forward kept (each chunk's start state and x = u / P', and the reads it returned), given ``d_reads`` (contiguous
+    [N, nc, C, r]) and ``d_state`` (the gradient of the state after the segment)."""
     g_read = d_reads * f.p_in
-    dx_read = g_read @ f.tq_t.transpose(-1, -2)  # read = P ⊙ (Q s_0ᵀ + R x): through x
-    ds_read = g_read @ x.q  # ... through s_0
+    dx_read = f.rq.mT @ g_read  # read = P ⊙ (Q s_0ᵀ + R x): through x
+    ds_read = g_read.mT @ x.q  # ... through s_0
     dws, dxs, drhss = [], [], []
     ds = d_state
-    per_chunk = (dx_read, ds_read, x.k, f.kt, f.p_all, f.kk, f.tk, f.ep, f.p_out)
+    solver = _solver(f, shared)
+    per_chunk = (dx_read, ds_read, x.k, f.p_all, f.ep, *solver.operands)
     chunks = zip(*(t.unbind(1) for t in per_chunk), strict=True)
-    for dx_read_c, ds_read_c, k_c, kt_c, p_all_c, kk_c, tk_c, ep_c, p_out_c in reversed(list(chunks)):
+    for dx_read_c, ds_read_c, k_c, p_all_c, ep_c, *operands_c in reversed(list(chunks)):
         dw = p_all_c * ds  # s_C = P_C w with w = s_0 + Σ_j x_j k_j
-        dx = torch.baddbmm(dx_read_c, dw, kt_c)
-        drhs = _solve_chunk((kk_c, tk_c, ep_c, p_out_c), dx, shared, transpose=True)
-        ds = torch.baddbmm(ds_read_c + dw, drhs * ep_c, k_c, alpha=-1.0)  # rhs has −erase⊙P⊙(K s_0ᵀ)
+        dx = torch.baddbmm(dx_read_c, k_c, dw.mT)
+        drhs = _solve_chunk(solver.kind, operands_c, dx, transpose=True)
+        ds = torch.baddbmm(ds_read_c + dw, (drhs * ep_c).mT, k_c, alpha=-1.0)  # rhs has −erase⊙P⊙(K s_0ᵀ)
         dws.append(dw), dxs.append(dx), drhss.append(drhs)
     dw, dx, drhs = (torch.stack(t[::-1], dim=1) for t in (dws, dxs, drhss))
 
     y = drhs * f.ep  # the system's diag(erase⊙P) T and the rhs's erase⊙P⊙(K s_0ᵀ) see −drhs ⊙ erase⊙P
-    d_tq = (g_read.transpose(-1, -2) @ x_all).tril_(-1)
-    d_tk = (y.transpose(-1, -2) @ x_all).tril_(-1).neg_()
-    d_tk = d_tk + d_tk.transpose(-1, -2)  # T = K Kᵀ is symmetric in K
-    dq = g_read.transpose(-1, -2) @ s_start
-    dq += d_tq @ x.k
-    dk = d_tq.transpose(-1, -2) @ x.q
-    dk += x_all.transpose(-1, -2) @ dw
+    d_rq = (g_read @ x_all.mT).tril_(-1)
+    d_tk = (y @ x_all.mT).tril_(-1).neg_()
+    d_tk = d_tk + d_tk.mT  # T = K Kᵀ is symmetric in K
+    dq = g_read @ s_start
+    dq += d_rq @ x.k
+    dk = d_rq.mT @ x.q
+    dk += x_all @ dw
     dk += d_tk @ x.k
-    dk -= y.transpose(-1, -2) @ s_start
+    dk -= y @ s_start
     # −(gradient w.r.t. erase ⊙ P): through the system (T x) and the rhs (K s_0ᵀ)
-    neg_d_ep = (x_all @ f.kk.triu(1)).add_(s_start @ f.kt).mul_(drhs)
+    neg_d_ep = (f.tk @ x_all).add_(x.k @ s_start.mT).mul_(drhs)
     # Decays, as gradients w.r.t. log keep: P_t holds keep_m for m < t, P'_j (the system's diagonal) for m ≤ j, P_C
     # all of them. Through the reads: d_reads ⊙ reads; through s_C = P_C w: Σ dw ⊙ w with
     # Σ_j dw (x K)_j = Σ_t x ⊙ (dw Kᵀ) = Σ_t x ⊙ (dx − dx_read).
-    gk = x.keep.shape[2]
+    gk = x.keep.shape[-1]
     dlog_p_in = _rows_to(d_reads * reads, gk) - _rows_to(neg_d_ep * f.ep, gk)
     dlog_p_out = _rows_to(drhs * x_all * f.p_out, gk).neg_()
-    dw_w = (dw * s_start).sum(-1, keepdim=True) + (x_all * (dx - dx_read)).sum(-1, keepdim=True)
-    dlog_p_all = _rows_to(dw_w, gk)
+    dw_w = (dw * s_start).sum(-1) + (x_all * (dx - dx_read)).sum(-2)  # [N, nc, r]: one per state row
+    dlog_p_all = _rows_to(dw_w.unsqueeze(-2), gk)
     # Σ_{t>m} dlog P_t + Σ_{j≥m} dlog P'_j = dlog P'_m + Σ_{t>m} (dlog P_t + dlog P'_t): the two largely cancel, so
-    # they are added token by token before the prefix sum (a product with a 0/1 triangle); 4× smaller round-off.
-    c = x.keep.shape[-1]
-    ones = torch.ones(c, c, dtype=dw.dtype, device=dw.device)
-    d_keep = (dlog_p_in + dlog_p_out) @ ones.tril(-1)
+    # they are added token by token before the suffix sum (a product with a 0/1 triangle); 4× smaller round-off.
+    c = x.keep.shape[-2]
+    after = torch.ones(c, c, dtype=dw.dtype, device=dw.device).triu_(1)  # [m, t]: 1 for t > m
+    d_keep = after @ (dlog_p_in + dlog_p_out)
     d_keep += dlog_p_out
     d_keep.add_(dlog_p_all).div_(x.keep)
-    d_erase = _rows_to(neg_d_ep.mul_(f.p_in).neg_(), x.erase.shape[2])
+    d_erase = _rows_to(neg_d_ep.mul_(f.p_in).neg_(), x.erase.shape[-1])
     d_v = drhs * x.write
-    d_write = _rows_to(drhs * x.v, x.write.shape[2])
+    d_write = _rows_to(drhs * x.v, x.write.shape[-1])
     return [dq, dk, d_v, d_keep, d_erase, d_write], ds
 
 
@@ -374,11 +378,11 @@ def _run_segments(
 
     for start, length, c in _segments(t_len, chunk, segment_tokens(n, r, g, chunk, scale=FORWARD_SEGMENTS)):
         x = _cut([t[:, start : start + length] for t in inputs], c)
-        f = _factors(x, shared)
+        f = _factors(x)
         if _factored_ok(x, f):
             piece_reads, s, s_start, x_all = _factored_forward(x, f, s, shared)
             pieces.append(("factored", start, length, c, s_start, x_all) if save else ("factored", start, length, c))
-            reads.append(_uncut(piece_reads))
+            reads.append(piece_reads.flatten(1, 2))
         else:  # the plain form, in its own (smaller) segments
             for sub_start, sub_length, sub_c in _segments(length, c, segment_tokens(n, r, g, c, per_row=True)):
                 s = run_plain(start + sub_start, sub_length, sub_c, s)
@@ -417,15 +421,13 @@ class _ChunkedScan(torch.autograd.Function):
                     chunks = slice(first, min(first + step, n_chunks))
                     span = slice(start + chunks.start * chunk, start + chunks.stop * chunk)
                     x = _cut([t[:, span] for t in inputs], chunk)
-                    d_rows, reads_rows = (
-                        t[:, span].reshape(n, -1, chunk, r).transpose(-1, -2).contiguous() for t in (d_reads, reads)
-                    )
-                    kept_span = [t[:, chunks] for t in saved]
+                    d_span, reads_span = (t[:, span].reshape(n, -1, chunk, r).contiguous() for t in (d_reads, reads))
+                    kept_span = [t[:, chunks].contiguous() for t in saved]  # read by several matmuls: see _cut
                     span_grads, d_state = _factored_backward(
-                        x, _factors(x, shared), *kept_span, reads_rows, d_rows, d_state, shared
+                        x, _factors(x), *kept_span, reads_span, d_span, d_state, shared
                     )
-                    for i, (grad, span_grad) in enumerate(zip(grads, span_grads, strict=True)):
-                        grad[:, span] = span_grad.flatten(1, 2) if i < 2 else _uncut(span_grad)  # q, k token-major
+                    for grad, span_grad in zip(grads, span_grads, strict=True):
+                        grad[:, span] = span_grad.flatten(1, 2)
             else:
                 span = slice(start, start + length)
                 leaves = [t[:, span].detach().requires_grad_() for t in inputs]

@@ -117,8 +117,9 @@ def row_solve(
     gram: torch.Tensor, p_out: torch.Tensor, erase_p: torch.Tensor, rhs: torch.Tensor, transpose: bool
 ) -> torch.Tensor | None:
     """The chunked scan's per-row systems (peft_deltamem/ops/chunked.py, the factored form) without forming them:
-    ``x`` [N, R, C] with ``(diag(p_out) + diag(erase_p) tril₋₁(gram)) x = rhs`` for every chunk n and row i, or the
-    transposed system with ``transpose``; ``gram`` [N, C, C] is K Kᵀ, the others [N, R, C] or broadcastable to it.
+    ``x`` [N, C, R] (token-major: a column per state row i) with ``(diag(p_out) + diag(erase_p) tril₋₁(gram)) x = rhs``
+    for every chunk n and row i, or the transposed system with ``transpose``; ``gram`` [N, C, C] is K Kᵀ, the others
+    [N, C, R] or broadcastable to it (a row-shared gate [N, C, 1]).
     None if some tensor is not float32 on the CPU (the caller then solves eagerly); no autograd."""
     return (_SCAN.extension or _SCAN.build()).row_solve(gram, p_out, erase_p, rhs, transpose)  # undefined: None
 

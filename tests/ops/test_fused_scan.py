@@ -24,13 +24,15 @@ def fused_scan():
 
 
 def _reference_solve(gram, p_out, erase_p, rhs, transpose: bool) -> torch.Tensor:
-    """The systems written out (docs: peft_deltamem/ops/chunked.py, the factored form) and solved in float64."""
-    n, rows, c = rhs.shape
-    system = erase_p.double().expand(n, rows, c).unsqueeze(-1) * gram.double().tril(-1).unsqueeze(1)
-    system = system + torch.diag_embed(p_out.double().expand(n, rows, c))
+    """The systems written out (docs: peft_deltamem/ops/chunked.py, the factored form) and solved in float64, one per
+    row i (a column of the token-major [N, C, R] operands)."""
+    n, c, rows = rhs.shape
+    rows_first = [t.double().expand(n, c, rows).mT for t in (p_out, erase_p, rhs)]  # [N, R, C]
+    system = rows_first[1].unsqueeze(-1) * gram.double().tril(-1).unsqueeze(1)
+    system = system + torch.diag_embed(rows_first[0])
     if transpose:
         system = system.mT
-    return torch.linalg.solve(system, rhs.double().unsqueeze(-1)).squeeze(-1)
+    return torch.linalg.solve(system, rows_first[2].unsqueeze(-1)).squeeze(-1).mT
 
 
 @SETTINGS
@@ -46,18 +48,18 @@ def test_row_solve_solves_the_per_row_systems(fused_scan, n, rows, c, shared_p, 
     gen = torch.Generator().manual_seed(seed)
     k = torch.nn.functional.normalize(torch.randn(n, c, 8, generator=gen), dim=-1)
     gram = k @ k.mT
-    p_out = 0.5 + 0.5 * torch.rand(n, 1 if shared_p else rows, c, generator=gen)  # a row-shared keep: [N, 1, C]
-    erase_p = torch.rand(n, rows, c, generator=gen)
-    rhs = torch.randn(n, rows, c, generator=gen)
+    p_out = 0.5 + 0.5 * torch.rand(n, c, 1 if shared_p else rows, generator=gen)  # a row-shared keep: [N, C, 1]
+    erase_p = torch.rand(n, c, rows, generator=gen)
+    rhs = torch.randn(n, 2 * c, rows, generator=gen)[:, ::2]  # strided, as a chunk of a longer segment is
     x = fused.row_solve(gram, p_out, erase_p, rhs, transpose)
     expected = _reference_solve(gram, p_out, erase_p, rhs, transpose)
-    assert x.shape == (n, rows, c) and x.dtype == torch.float32
+    assert x.shape == (n, c, rows) and x.dtype == torch.float32
     torch.testing.assert_close(x.double(), expected, atol=1e-5 * max(1.0, expected.abs().max().item()), rtol=0)
 
 
 def test_row_solve_declines_what_is_not_float32(fused_scan) -> None:
     """The caller then solves eagerly: None, not a wrong answer or an error."""
-    gram, p_out, erase_p, rhs = torch.eye(4)[None], torch.ones(1, 2, 4), torch.ones(1, 2, 4), torch.ones(1, 2, 4)
+    gram, p_out, erase_p, rhs = torch.eye(4)[None], torch.ones(1, 4, 2), torch.ones(1, 4, 2), torch.ones(1, 4, 2)
     assert fused.row_solve(gram.double(), p_out, erase_p, rhs, False) is None
     assert fused.row_solve(gram, p_out, erase_p, rhs.half(), True) is None
 

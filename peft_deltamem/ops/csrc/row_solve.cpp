@@ -16,8 +16,8 @@
 
 namespace {
 
-// All R rows of one chunk at once, token-major ([C][R] buffers, so that the innermost loop runs over the rows: R
-// contiguous floats, a few vector registers). Forward: x solves (diag(p) + diag(e) tril₋₁(G)) x = b for each row;
+// All R rows of one chunk at once, token-major ([C][R], the chunked scan's own layout, so that the innermost loop
+// runs over the rows: R contiguous floats, a few vector registers). Forward: x solves (diag(p) + diag(e) tril₋₁(G)) x = b for each row;
 // with transpose, (diag(p) + tril₋₁(G)ᵀ diag(e)) x = b. acc[s] collects the substituted sum for token s: with
 // tril₋₁(G)[s, t] = G[t, s] (G = K Kᵀ is symmetric) both read row t of G.
 void solve_rows(const float* g, const float* p, const float* e, const float* b, float* x, float* acc, int64_t c,
@@ -45,46 +45,44 @@ void solve_rows(const float* g, const float* p, const float* e, const float* b, 
   }
 }
 
-// [R, C] (any strides, e.g. an expanded row-shared gate) -> [C, R] contiguous.
-void to_token_major(const torch::TensorAccessor<float, 2>& in, float* out) {
-  const int64_t rows = in.size(0), c = in.size(1);
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t t = 0; t < c; ++t) out[t * rows + i] = in[i][t];
+// [C, R] (any strides, e.g. an expanded row-shared gate or a chunk of a longer segment) -> [C, R] contiguous.
+void gather(const torch::TensorAccessor<float, 2>& in, float* out) {
+  const int64_t c = in.size(0), rows = in.size(1);
+  for (int64_t t = 0; t < c; ++t)
+    for (int64_t i = 0; i < rows; ++i) out[t * rows + i] = in[t][i];
 }
 
 }  // namespace
 
-// gram [N, C, C] (K Kᵀ of each of N chunks, or of N sequences' current chunk); p_out, erase_p, rhs [N, R, C] or
-// broadcastable to it (a row-shared gate [N, 1, C]); returns x [N, R, C] with, for every n and row i,
-// (diag(p_out) + diag(erase_p) tril₋₁(gram)) x = rhs, or the transposed system with ``transpose``. Returns an
-// undefined tensor (None in Python) if some input is not float32 on the CPU: the caller then solves eagerly.
+// gram [N, C, C] (K Kᵀ of each of N chunks, or of N sequences' current chunk); p_out, erase_p, rhs token-major
+// [N, C, R] (a column per state row) or broadcastable to it (a row-shared gate [N, C, 1]); returns x [N, C, R] with,
+// for every n and row i, (diag(p_out) + diag(erase_p) tril₋₁(gram)) x = rhs, or the transposed system with
+// ``transpose``. Returns an undefined tensor (None in Python) if some input is not float32 on the CPU: the caller
+// then solves eagerly.
 torch::Tensor row_solve(torch::Tensor gram, torch::Tensor p_out, torch::Tensor erase_p, torch::Tensor rhs,
                         bool transpose) {
   for (const auto& t : {gram, p_out, erase_p, rhs})
     if (!t.device().is_cpu() || t.scalar_type() != torch::kFloat32) return torch::Tensor();
   TORCH_CHECK(gram.dim() == 3 && gram.size(1) == gram.size(2), "row_solve: gram must be [N, C, C]");
-  TORCH_CHECK(rhs.dim() == 3 && rhs.size(0) == gram.size(0) && rhs.size(2) == gram.size(1),
-              "row_solve: rhs must be [N, R, C] with gram's N and C");
-  const int64_t n = rhs.size(0), rows = rhs.size(1), c = rhs.size(2);
+  TORCH_CHECK(rhs.dim() == 3 && rhs.size(0) == gram.size(0) && rhs.size(1) == gram.size(1),
+              "row_solve: rhs must be [N, C, R] with gram's N and C");
+  const int64_t n = rhs.size(0), c = rhs.size(1), rows = rhs.size(2);
   const torch::Tensor g = gram.contiguous();
-  const torch::Tensor p_rows = p_out.expand({n, rows, c}), e_rows = erase_p.expand({n, rows, c});
+  const torch::Tensor p_rows = p_out.expand({n, c, rows}), e_rows = erase_p.expand({n, c, rows});
   const auto p = p_rows.accessor<float, 3>();
   const auto e = e_rows.accessor<float, 3>();
   const auto b = rhs.accessor<float, 3>();
-  torch::Tensor x = torch::empty({n, rows, c}, rhs.options());
-  auto x_out = x.accessor<float, 3>();
+  torch::Tensor x = torch::empty({n, c, rows}, rhs.options());
+  float* x_data = x.data_ptr<float>();
   const float* g_data = g.data_ptr<float>();
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffers(5 * c * rows);  // p, e, b, x, acc token-major
-    float *p_t = buffers.data(), *e_t = p_t + c * rows, *b_t = e_t + c * rows, *x_t = b_t + c * rows,
-          *acc = x_t + c * rows;
+    std::vector<float> buffers(4 * c * rows);  // p, e, b, acc
+    float *p_t = buffers.data(), *e_t = p_t + c * rows, *b_t = e_t + c * rows, *acc = b_t + c * rows;
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      to_token_major(p[chunk], p_t);
-      to_token_major(e[chunk], e_t);
-      to_token_major(b[chunk], b_t);
-      solve_rows(g_data + chunk * c * c, p_t, e_t, b_t, x_t, acc, c, rows, transpose);
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t t = 0; t < c; ++t) x_out[chunk][i][t] = x_t[t * rows + i];
+      gather(p[chunk], p_t);
+      gather(e[chunk], e_t);
+      gather(b[chunk], b_t);
+      solve_rows(g_data + chunk * c * c, p_t, e_t, b_t, x_data + chunk * c * rows, acc, c, rows, transpose);
     }
   });
   return x;

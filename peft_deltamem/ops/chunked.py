@@ -190,10 +190,11 @@ class _Chunked(NamedTuple):
 
 
 def _cut(inputs: Sequence[torch.Tensor], chunk: int) -> _Chunked:
-    # Contiguous: a segment is a slice of the sequence, so its batch dims (N, nc) do not merge into one, and every
-    # batched matmul reading it would copy it again (q and k are read by several).
     n, length, _ = inputs[0].shape
-    return _Chunked(*(x.reshape(n, length // chunk, chunk, x.shape[-1]).contiguous() for x in inputs))
+    q, k, v, keep, erase, write = (x.reshape(n, length // chunk, chunk, x.shape[-1]) for x in inputs)
+    # q and k contiguous: a segment is a slice of the sequence, so its batch dims (N, nc) do not merge into one, and
+    # every batched matmul reading them (several each) would copy them again. The others only meet elementwise ops.
+    return _Chunked(q.contiguous(), k.contiguous(), v, keep, erase, write)
 
 
 class _Factors(NamedTuple):

@@ -47,7 +47,7 @@ def _reference_solve(gram, p_out, erase_p, rhs, transpose: bool) -> torch.Tensor
 def test_row_solve_solves_the_per_row_systems(fused_scan, n, rows, c, shared_p, transpose, seed) -> None:
     gen = torch.Generator().manual_seed(seed)
     k = torch.nn.functional.normalize(torch.randn(n, c, 8, generator=gen), dim=-1)
-    gram = k @ k.mT
+    gram = torch.stack([k @ k.mT, torch.full((n, c, c), float("nan"))], 1)[:, 0]  # one chunk of a segment: strided
     p_out = 0.5 + 0.5 * torch.rand(n, c, 1 if shared_p else rows, generator=gen)  # a row-shared keep: [N, C, 1]
     erase_p = torch.rand(n, c, rows, generator=gen)
     rhs = torch.randn(n, 2 * c, rows, generator=gen)[:, ::2]  # strided, as a chunk of a longer segment is

@@ -67,7 +67,10 @@ torch::Tensor row_solve(torch::Tensor gram, torch::Tensor p_out, torch::Tensor e
   TORCH_CHECK(rhs.dim() == 3 && rhs.size(0) == gram.size(0) && rhs.size(1) == gram.size(1),
               "row_solve: rhs must be [N, C, R] with gram's N and C");
   const int64_t n = rhs.size(0), c = rhs.size(1), rows = rhs.size(2);
-  const torch::Tensor g = gram.contiguous();
+  // Each chunk's C×C block contiguous; the chunks may be strided (one chunk of every sequence of a segment).
+  const bool blocks = gram.stride(2) == 1 && gram.stride(1) == c;
+  const torch::Tensor g = blocks ? gram : gram.contiguous();
+  const int64_t g_stride = g.stride(0);
   const torch::Tensor p_rows = p_out.expand({n, c, rows}), e_rows = erase_p.expand({n, c, rows});
   const auto p = p_rows.accessor<float, 3>();
   const auto e = e_rows.accessor<float, 3>();
@@ -82,7 +85,7 @@ torch::Tensor row_solve(torch::Tensor gram, torch::Tensor p_out, torch::Tensor e
       gather(p[chunk], p_t);
       gather(e[chunk], e_t);
       gather(b[chunk], b_t);
-      solve_rows(g_data + chunk * c * c, p_t, e_t, b_t, x_data + chunk * c * rows, acc, c, rows, transpose);
+      solve_rows(g_data + chunk * g_stride, p_t, e_t, b_t, x_data + chunk * c * rows, acc, c, rows, transpose);
     }
   });
   return x;

@@ -32,7 +32,8 @@ def climb_targets(levels: Mapping[str, Mapping[str, Any]]) -> dict[str, bool]:
     """The issue's memory-only targets that the evaluated levels can decide: ``{name: met}``.
 
     Every target also needs both controls inside the no-history interval. L3 ≥ 70 %; L5 exact match ≥ 30 % with the
-    other-memory control ≤ 5 %; the working-style levels (6, 7) ≥ 80 % of the in-context instruction's rate.
+    other-memory control ≤ 5 %; the working-style levels (6, 7) ≥ 80 % of the in-context instruction's rate, not met
+    where that rate is 0 (the backbone does not follow the instruction even in context: nothing to carry).
     """
 
     def controls_ok(systems: Mapping[str, Any]) -> bool:
@@ -53,7 +54,10 @@ def climb_targets(levels: Mapping[str, Mapping[str, Any]]) -> dict[str, bool]:
     for label in ("L6", "L7"):
         if label in levels:
             s = levels[label]["systems"]
-            follows = s["deltamem"]["accuracy"] >= 0.8 * s["full_history"]["accuracy"]
+            ceiling = s["full_history"]["accuracy"]
+            # A backbone that never follows the instruction in context (ceiling 0) cannot show a memory carrying it:
+            # 0 >= 0.8 x 0 would print "met" for a level that measured nothing.
+            follows = ceiling > 0 and s["deltamem"]["accuracy"] >= 0.8 * ceiling
             targets[f"{label} deltamem >= 0.8 x full_history, controls inside no_history CI"] = follows and (
                 controls_ok(s)
             )
@@ -145,7 +149,7 @@ def run_climb(args: argparse.Namespace) -> dict[str, Any]:
         return {"training": training}
 
     _print("== 3/4 evaluation: memory-only protocol (docs/design.md §7) ==")
-    settings = recipe_eval_settings(recipe, args, generate=not args.forced_choice_only)
+    settings = recipe_eval_settings(recipe, args, generate=not args.forced_choice_only, batch_size=plan.eval_batch_size)
     levels = evaluate_levels(model, tokenizer, eval_levels, n_eval, fact_types=None, settings=settings, seed=args.seed)
     overview = levels_table(levels)
     targets = climb_targets(levels)

@@ -16,6 +16,7 @@ A plan file::
       - {levels: [1, 3], steps: 200}
     probe: {level: 3, n: 30, every: 25}  # optional
     eval: {levels: [1, 2, 3, 4, 5, 6, 7], n: 50, level: 3}   # level: the headline level of results.json
+    # eval may also set batch_size: questions per model call (default 16, as deltamem eval)
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ DEFAULT_PLAN = RECIPES_DIR / "smollm2-135m" / "climb-cpu.yaml"
 
 _PLAN_KEYS = {"recipe", "overrides", "stages", "probe", "eval"}
 _STAGE_KEYS = {"levels", "fact_types", "steps", "n_train", "facts"}
+_PROBE_KEYS = {"level", "n", "every"}
+_EVAL_KEYS = {"levels", "n", "level", "batch_size"}
 
 
 class PlanError(ValueError):
@@ -65,6 +68,7 @@ class ClimbPlan:
     probe_every: int = 25
     eval_levels: tuple[int, ...] = (1, 2, 3)
     eval_n: int = 50
+    eval_batch_size: int = 16
     level: int = 3
     source: str = "plan"
 
@@ -141,9 +145,12 @@ def parse_plan(values: Mapping[str, Any], source: str = "plan") -> ClimbPlan:
         raise _fail(source, "stages", "must be a non-empty list of stages")
     probe = values.get("probe") or {}
     evaluation = values.get("eval") or {}
-    for name, block in (("probe", probe), ("eval", evaluation)):
+    for name, block, known in (("probe", probe, _PROBE_KEYS), ("eval", evaluation, _EVAL_KEYS)):
         if not isinstance(block, dict):
             raise _fail(source, name, "must be a mapping")
+        unknown = sorted(set(block) - known)
+        if unknown:
+            raise _fail(source, f"{name}.{unknown[0]}", f"unknown field (known: {sorted(known)})")
     eval_levels = _level_list(evaluation.get("levels", [1, 2, 3]), source, "eval.levels")
     level = evaluation.get("level", eval_levels[0] if 3 not in eval_levels else 3)
     if level not in eval_levels:
@@ -157,6 +164,7 @@ def parse_plan(values: Mapping[str, Any], source: str = "plan") -> ClimbPlan:
         probe_every=_positive(probe.get("every", 25), source, "probe.every"),
         eval_levels=eval_levels,
         eval_n=_positive(evaluation.get("n", 50), source, "eval.n"),
+        eval_batch_size=_positive(evaluation.get("batch_size", 16), source, "eval.batch_size"),
         level=level,
         source=source,
     )

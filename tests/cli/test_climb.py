@@ -45,7 +45,7 @@ def test_climb_trains_each_stage_and_writes_every_level_with_six_systems(tiny_sm
         "overrides": ["--deltamem.layers_to_transform", "[0,1]", "--disable_tqdm", "true"],
         "stages": [{"levels": [1], "fact_types": ["colour"], "steps": 2}, {"levels": [1, 3, 6], "steps": 1}],
         "probe": {"level": 3, "n": 3, "every": 1},
-        "eval": {"levels": [1, 3], "n": 4, "level": 3},
+        "eval": {"levels": [1, 3], "n": 4, "level": 3, "batch_size": 3},
     }
     (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
     output = tmp_path / "out"
@@ -53,6 +53,7 @@ def test_climb_trains_each_stage_and_writes_every_level_with_six_systems(tiny_sm
 
     results = json.loads((output / "results.json").read_text())
     assert results["level"] == 3 and set(results["levels"]) == {"L1", "L3"}
+    assert {level["settings"]["batch_size"] for level in results["levels"].values()} == {3}  # the plan's eval batch
     for level in results["levels"].values():
         for name in SYSTEMS:
             low, high = level["systems"][name]["accuracy_ci"]
@@ -83,3 +84,5 @@ def test_climb_targets_need_the_bar_and_both_controls_at_the_floor() -> None:
     assert not any(climb_targets({"L5": _systems(0.3, 0.1)}).values())
     assert list(climb_targets({"L6": _systems(0.4, 0.1, full=0.5)}).values()) == [True]
     assert list(climb_targets({"L7": _systems(0.3, 0.1, full=0.5)}).values()) == [False]
+    # A backbone that does not follow the instruction even in context measures nothing: 0 >= 0.8 x 0 is not "met".
+    assert list(climb_targets({"L7": _systems(0.0, 0.1, full=0.0)}).values()) == [False]

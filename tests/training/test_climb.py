@@ -26,6 +26,8 @@ def test_a_plan_with_defaults() -> None:
     plan = parse_plan(GOOD)
     assert plan.stages == (ClimbStage(levels=(1,), steps=5, fact_types=("colour",)),)
     assert (plan.eval_levels, plan.eval_n, plan.level, plan.probe_level) == ((1, 2, 3), 50, 3, None)
+    assert plan.eval_batch_size == 16  # deltamem eval's default
+    assert parse_plan({**GOOD, "eval": {"batch_size": 50}}).eval_batch_size == 50
     assert parse_plan({**GOOD, "stages": [{"levels": 3, "steps": 2, "fact_types": "all"}]}).stages[0] == ClimbStage(
         levels=(3,), steps=2
     )
@@ -58,6 +60,9 @@ def test_a_stages_facts_reach_level_3_only() -> None:
         ({"stages": [{"levels": [1], "steps": 1, "lr": 1}]}, r"plan.yaml: stages\[0\]: unknown field 'lr'"),
         ({"eval": {"levels": [1, 2], "level": 3}}, "plan.yaml: eval.level: must be one of eval.levels"),
         ({"overrides": "--deltamem.r 16"}, "plan.yaml: overrides: must be a list"),
+        ({"eval": {"batch_size": 0}}, "plan.yaml: eval.batch_size: must be a positive integer, got 0"),
+        ({"eval": {"batch": 8}}, r"plan.yaml: eval.batch: unknown field \(known: \['batch_size', 'level'"),
+        ({"probe": {"level": 3, "every_steps": 9}}, r"plan.yaml: probe.every_steps: unknown field"),
         ({"stages": [{"levels": [1, 2], "steps": 1, "facts": 2}]}, r"stages\[0\].facts: .* with 3 in levels"),
         ({"stages": [{"levels": [3], "steps": 1, "facts": 4}]}, r"stages\[0\].facts: .* 2 or 3, .* got 4"),
     ],

@@ -110,6 +110,7 @@ def run_climb(args: argparse.Namespace) -> dict[str, Any]:
     recipe = climb_recipe(
         plan, ["--output_dir", str(output / "adapter"), "--seed", str(args.seed), *args.recipe_overrides]
     )
+    schedule = recipe.training.lr_scheduler_type  # the recipe's, for the stages that do not name their own
     _print(f"== 2/4 training: {len(plan.stages)} stages, {plan.steps} steps, plan {args.plan} ==")
     probe = ()
     if plan.probe_level is not None:
@@ -133,7 +134,13 @@ def run_climb(args: argparse.Namespace) -> dict[str, Any]:
             "plan": str(args.plan),
             "init_adapter": args.init_adapter,
             "stages": [
-                {"levels": list(s.levels), "fact_types": list(s.fact_types or []) or "all", "steps": s.steps}
+                {
+                    "levels": list(s.levels),
+                    "fact_types": list(s.fact_types or []) or "all",
+                    "steps": s.steps,
+                    "facts": s.facts or 3,
+                    "lr_scheduler_type": s.lr_scheduler_type or str(getattr(schedule, "value", schedule)),
+                }
                 for s in plan.stages
             ],
             "clock": args.clock,

@@ -13,7 +13,7 @@ A plan file::
     stages:                              # in order; fact_types 'all' (the default) or a list
       - {levels: [1], fact_types: [colour], steps: 100}
       - {levels: [1, 3], facts: 2, steps: 200}   # facts: level 3 with 2 facts a conversation (default 3)
-      - {levels: [1, 3], steps: 200}
+      - {levels: [1, 3], steps: 200, lr_scheduler_type: linear}   # this stage's schedule (default: the recipe's)
     probe: {level: 3, n: 30, every: 25}  # optional
     eval: {levels: [1, 2, 3, 4, 5, 6, 7], n: 50, level: 3}   # level: the headline level of results.json
     # eval may also set batch_size: questions per model call (default 16, as deltamem eval)
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers.trainer_utils import SchedulerType
 
 from ..evaluation.ladder import LEVEL_3_FACTS, LEVELS
 from .recipe import RECIPES_DIR, recipe_file
@@ -36,7 +37,10 @@ from .timed import TrainResult, ladder_dataset, load_recipe, train_adapter
 DEFAULT_PLAN = RECIPES_DIR / "smollm2-135m" / "climb-cpu.yaml"
 
 _PLAN_KEYS = {"recipe", "overrides", "stages", "probe", "eval"}
-_STAGE_KEYS = {"levels", "fact_types", "steps", "n_train", "facts"}
+_STAGE_KEYS = {"levels", "fact_types", "steps", "n_train", "facts", "lr_scheduler_type"}
+#: The learning-rate schedules a stage may name (transformers' ``lr_scheduler_type``, less the one that needs an
+#: evaluation metric).
+_SCHEDULES = tuple(s.value for s in SchedulerType if s is not SchedulerType.REDUCE_ON_PLATEAU)
 _PROBE_KEYS = {"level", "n", "every"}
 _EVAL_KEYS = {"levels", "n", "level", "batch_size"}
 
@@ -54,6 +58,7 @@ class ClimbStage:
     fact_types: tuple[str, ...] | None = None  # None: every closed type (and each level's own default)
     n_train: int | None = None  # conversations generated; None: enough for every step to see new ones
     facts: int | None = None  # facts per level-3 conversation (2 or 3); None: 3, the level as defined
+    lr_scheduler_type: str | None = None  # the stage's learning-rate schedule; None: the recipe's
 
 
 @dataclass(frozen=True)
@@ -119,12 +124,16 @@ def _stage(raw: Any, index: int, source: str) -> ClimbStage:
         raise _fail(
             source, f"{where}.facts", f"sets level 3's number of facts: 2 or 3, with 3 in levels, got {facts!r}"
         )
+    schedule = raw.get("lr_scheduler_type")
+    if schedule is not None and schedule not in _SCHEDULES:
+        raise _fail(source, f"{where}.lr_scheduler_type", f"must be one of {list(_SCHEDULES)}, got {schedule!r}")
     return ClimbStage(
         levels=levels,
         steps=_positive(raw["steps"], source, f"{where}.steps"),
         fact_types=fact_types,
         n_train=None if n_train is None else _positive(n_train, source, f"{where}.n_train"),
         facts=facts,
+        lr_scheduler_type=schedule,
     )
 
 
@@ -206,18 +215,22 @@ def train_plan(
     ``save_dir/stage-K`` (a later run can start from it)."""
     total = TrainResult(steps=0, train_seconds=0.0, probe_seconds=0.0)
     batch = recipe.training.per_device_train_batch_size * recipe.training.gradient_accumulation_steps
+    recipe_schedule = recipe.training.lr_scheduler_type
     for index, stage in enumerate(plan.stages):
         n_train = stage.n_train or stage.steps * batch
         print(
             f"-- stage {index + 1}/{len(plan.stages)}: levels {list(stage.levels)}, fact types "
             f"{list(stage.fact_types) if stage.fact_types else 'all'}"
-            f"{f', {stage.facts} facts at level 3' if stage.facts else ''}, {stage.steps} steps --",
+            f"{f', {stage.facts} facts at level 3' if stage.facts else ''}, {stage.steps} steps"
+            f"{f', {stage.lr_scheduler_type} schedule' if stage.lr_scheduler_type else ''} --",
             flush=True,
         )
         dataset = ladder_dataset(
             stage.levels, n_train, seed=seed + 1000 * index, fact_types=stage.fact_types, facts=stage.facts
         )
         recipe.training.max_steps = stage.steps  # steps, not time: the same work on a busy machine
+        # Each stage has a fresh optimiser and schedule (warm-up included): a decaying stage decays over its own steps.
+        recipe.training.lr_scheduler_type = stage.lr_scheduler_type or recipe_schedule
         model, result = train_adapter(
             model,
             tokenizer,

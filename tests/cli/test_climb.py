@@ -42,8 +42,12 @@ def tiny_smollm2(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_climb_trains_each_stage_and_writes_every_level_with_six_systems(tiny_smollm2, tmp_path, capsys) -> None:
     plan = {
         "recipe": "smollm2-135m/tsw-cpu",
-        "overrides": ["--deltamem.layers_to_transform", "[0,1]", "--disable_tqdm", "true"],
-        "stages": [{"levels": [1], "fact_types": ["colour"], "steps": 2}, {"levels": [1, 3, 6], "steps": 1}],
+        "overrides": ["--deltamem.layers_to_transform", "[0,1]", "--disable_tqdm", "true"]
+        + ["--logging_steps", "1", "--warmup_steps", "0"],
+        "stages": [
+            {"levels": [1], "fact_types": ["colour"], "steps": 2},
+            {"levels": [1, 3, 6], "steps": 2, "lr_scheduler_type": "linear"},
+        ],
         "probe": {"level": 3, "n": 3, "every": 1},
         "eval": {"levels": [1, 3], "n": 4, "level": 3, "batch_size": 3},
     }
@@ -60,12 +64,16 @@ def test_climb_trains_each_stage_and_writes_every_level_with_six_systems(tiny_sm
             assert low <= level["systems"][name]["accuracy"] <= high
     assert all(results[name] == results["levels"]["L3"]["systems"][name] for name in SYSTEMS)
     training = results["training"]
-    assert training["steps"] == 3 and [s["steps"] for s in training["stages"]] == [2, 1]
-    assert [p["step"] for p in training["curve"]] == [0, 1, 2, 3]  # numbered across the stages
-    assert [p["stage"] for p in training["curve"]] == [0, 0, 0, 1]
+    assert training["steps"] == 4 and [s["steps"] for s in training["stages"]] == [2, 2]
+    assert [s["lr_scheduler_type"] for s in training["stages"]] == ["constant_with_warmup", "linear"]
+    assert [p["step"] for p in training["curve"]] == [0, 1, 2, 3, 4]  # numbered across the stages
+    assert [p["stage"] for p in training["curve"]] == [0, 0, 0, 1, 1]
+    # Each stage runs its own schedule: the recipe's constant rate, then a linear decay over the stage's 2 steps.
+    rates = [(row["stage"], row["learning_rate"]) for row in training["log_history"] if "learning_rate" in row]
+    assert rates == [(0, 1e-2), (0, 1e-2), (1, 1e-2), (1, 5e-3)]
     assert set(results["targets"]) == {"L3 deltamem >= 0.70, controls inside no_history CI"}
     assert (output / "adapter" / "deltamem_training.json").is_file()
-    assert "stage 2/2: levels [1, 3, 6], fact types all, 1 steps" in capsys.readouterr().out
+    assert "stage 2/2: levels [1, 3, 6], fact types all, 2 steps, linear schedule" in capsys.readouterr().out
 
 
 def _systems(own: float, other: float, full: float = 0.5) -> dict:

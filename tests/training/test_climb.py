@@ -33,6 +33,8 @@ def test_a_plan_with_defaults() -> None:
     )
     two = parse_plan({**GOOD, "stages": [{"levels": [1, 3], "steps": 2, "facts": 2}]}).stages[0]
     assert two == ClimbStage(levels=(1, 3), steps=2, facts=2)
+    decay = parse_plan({**GOOD, "stages": [{"levels": [1], "steps": 2, "lr_scheduler_type": "linear"}]}).stages[0]
+    assert decay == ClimbStage(levels=(1,), steps=2, lr_scheduler_type="linear")
 
 
 def test_a_stages_facts_reach_level_3_only() -> None:
@@ -60,6 +62,10 @@ def test_a_stages_facts_reach_level_3_only() -> None:
         ({"stages": [{"levels": [1], "steps": 1, "lr": 1}]}, r"plan.yaml: stages\[0\]: unknown field 'lr'"),
         ({"eval": {"levels": [1, 2], "level": 3}}, "plan.yaml: eval.level: must be one of eval.levels"),
         ({"overrides": "--deltamem.r 16"}, "plan.yaml: overrides: must be a list"),
+        (
+            {"stages": [{"levels": [1], "steps": 1, "lr_scheduler_type": "reduce_lr_on_plateau"}]},
+            r"stages\[0\].lr_scheduler_type: must be one of \['linear', 'cosine'.*got 'reduce_lr_on_plateau'",
+        ),
         ({"eval": {"batch_size": 0}}, "plan.yaml: eval.batch_size: must be a positive integer, got 0"),
         ({"eval": {"batch": 8}}, r"plan.yaml: eval.batch: unknown field \(known: \['batch_size', 'level'"),
         ({"probe": {"level": 3, "every_steps": 9}}, r"plan.yaml: probe.every_steps: unknown field"),

@@ -23,7 +23,7 @@ from peft import PeftModel
 from ..evaluation.ladder import make_ladder
 from ..evaluation.report import levels_table, plot_results, plot_training_curve, write_json, write_run_results
 from ..interop.base_models import load_base_model
-from ..training.climb import DEFAULT_PLAN, ClimbPlan, climb_recipe, load_plan, train_plan
+from ..training.climb import DEFAULT_PLAN, ClimbPlan, climb_recipe, load_plan, stage_schedule, train_plan
 from ._args import ArgumentParser, parse_levels
 from .demo import evaluate_levels, recipe_eval_settings, save_trained_adapter
 
@@ -110,7 +110,6 @@ def run_climb(args: argparse.Namespace) -> dict[str, Any]:
     recipe = climb_recipe(
         plan, ["--output_dir", str(output / "adapter"), "--seed", str(args.seed), *args.recipe_overrides]
     )
-    schedule = recipe.training.lr_scheduler_type  # the recipe's, for the stages that do not name their own
     _print(f"== 2/4 training: {len(plan.stages)} stages, {plan.steps} steps, plan {args.plan} ==")
     probe = ()
     if plan.probe_level is not None:
@@ -139,7 +138,7 @@ def run_climb(args: argparse.Namespace) -> dict[str, Any]:
                     "fact_types": list(s.fact_types or []) or "all",
                     "steps": s.steps,
                     "facts": s.facts or 3,
-                    "lr_scheduler_type": s.lr_scheduler_type or str(getattr(schedule, "value", schedule)),
+                    "lr_scheduler_type": stage_schedule(s, recipe),
                 }
                 for s in plan.stages
             ],

@@ -87,6 +87,12 @@ def _fail(source: str, where: str, message: str) -> PlanError:
     return PlanError(f"{source}: {where}: {message}")
 
 
+def _reject_unknown(block: Mapping[str, Any], known: set[str], source: str, prefix: str = "") -> None:
+    unknown = sorted(set(block) - known)
+    if unknown:
+        raise _fail(source, f"{prefix}{unknown[0]}", f"unknown field (known: {sorted(known)})")
+
+
 def _level_list(value: Any, source: str, where: str) -> tuple[int, ...]:
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
@@ -141,9 +147,7 @@ def parse_plan(values: Mapping[str, Any], source: str = "plan") -> ClimbPlan:
     """A :class:`ClimbPlan` from a plan's mapping; :class:`PlanError` names ``source`` and the field at fault."""
     if not isinstance(values, Mapping):
         raise PlanError(f"{source}: a climb plan must be a YAML mapping")
-    unknown = sorted(set(values) - _PLAN_KEYS)
-    if unknown:
-        raise _fail(source, unknown[0], f"unknown field (known: {sorted(_PLAN_KEYS)})")
+    _reject_unknown(values, _PLAN_KEYS, source)
     if not isinstance(values.get("recipe"), str):
         raise _fail(source, "recipe", "a training recipe (bundled name or file) is required")
     overrides = values.get("overrides") or []
@@ -157,9 +161,7 @@ def parse_plan(values: Mapping[str, Any], source: str = "plan") -> ClimbPlan:
     for name, block, known in (("probe", probe, _PROBE_KEYS), ("eval", evaluation, _EVAL_KEYS)):
         if not isinstance(block, dict):
             raise _fail(source, name, "must be a mapping")
-        unknown = sorted(set(block) - known)
-        if unknown:
-            raise _fail(source, f"{name}.{unknown[0]}", f"unknown field (known: {sorted(known)})")
+        _reject_unknown(block, known, source, prefix=f"{name}.")
     eval_levels = _level_list(evaluation.get("levels", [1, 2, 3]), source, "eval.levels")
     level = evaluation.get("level", eval_levels[0] if 3 not in eval_levels else 3)
     if level not in eval_levels:
@@ -198,6 +200,12 @@ def climb_recipe(plan: ClimbPlan, extra_overrides: Sequence[str] = ()) -> Any:
     return load_recipe(plan.recipe, [*plan.overrides, *extra_overrides])
 
 
+def stage_schedule(stage: ClimbStage, recipe: Any) -> str:
+    """The learning-rate schedule ``stage`` trains with (a transformers name): its own, else the recipe's."""
+    recipe_schedule = recipe.training.lr_scheduler_type  # a SchedulerType once the training arguments are built
+    return stage.lr_scheduler_type or str(getattr(recipe_schedule, "value", recipe_schedule))
+
+
 def train_plan(
     model: Any,
     tokenizer: Any,
@@ -216,36 +224,41 @@ def train_plan(
     total = TrainResult(steps=0, train_seconds=0.0, probe_seconds=0.0)
     batch = recipe.training.per_device_train_batch_size * recipe.training.gradient_accumulation_steps
     recipe_schedule = recipe.training.lr_scheduler_type
-    for index, stage in enumerate(plan.stages):
-        n_train = stage.n_train or stage.steps * batch
-        print(
-            f"-- stage {index + 1}/{len(plan.stages)}: levels {list(stage.levels)}, fact types "
-            f"{list(stage.fact_types) if stage.fact_types else 'all'}"
-            f"{f', {stage.facts} facts at level 3' if stage.facts else ''}, {stage.steps} steps"
-            f"{f', {stage.lr_scheduler_type} schedule' if stage.lr_scheduler_type else ''} --",
-            flush=True,
-        )
-        dataset = ladder_dataset(
-            stage.levels, n_train, seed=seed + 1000 * index, fact_types=stage.fact_types, facts=stage.facts
-        )
-        recipe.training.max_steps = stage.steps  # steps, not time: the same work on a busy machine
-        # Each stage has a fresh optimiser and schedule (warm-up included): a decaying stage decays over its own steps.
-        recipe.training.lr_scheduler_type = stage.lr_scheduler_type or recipe_schedule
-        model, result = train_adapter(
-            model,
-            tokenizer,
-            dataset,
-            recipe,
-            minutes=10_000.0,
-            probe_examples=probe_examples,
-            probe_every=plan.probe_every,
-            clock=clock,
-            probe_at_start=index == 0,
-            probe_start=(total.steps, total.train_seconds / 60.0),
-        )
-        total.add_stage(index, result)
-        if save_dir is not None:
-            model.save_pretrained(Path(save_dir) / f"stage-{index + 1}")
+    schedules = [stage_schedule(stage, recipe) for stage in plan.stages]  # before a stage sets the recipe's
+    try:
+        for index, (stage, schedule) in enumerate(zip(plan.stages, schedules, strict=True)):
+            n_train = stage.n_train or stage.steps * batch
+            print(
+                f"-- stage {index + 1}/{len(plan.stages)}: levels {list(stage.levels)}, fact types "
+                f"{list(stage.fact_types) if stage.fact_types else 'all'}"
+                f"{f', {stage.facts} facts at level 3' if stage.facts else ''}, {stage.steps} steps"
+                f"{f', {stage.lr_scheduler_type} schedule' if stage.lr_scheduler_type else ''} --",
+                flush=True,
+            )
+            dataset = ladder_dataset(
+                stage.levels, n_train, seed=seed + 1000 * index, fact_types=stage.fact_types, facts=stage.facts
+            )
+            recipe.training.max_steps = stage.steps  # steps, not time: the same work on a busy machine
+            # Each stage has a fresh optimiser and schedule (warm-up included): a decaying stage decays over its own
+            # steps.
+            recipe.training.lr_scheduler_type = schedule
+            model, result = train_adapter(
+                model,
+                tokenizer,
+                dataset,
+                recipe,
+                minutes=10_000.0,
+                probe_examples=probe_examples,
+                probe_every=plan.probe_every,
+                clock=clock,
+                probe_at_start=index == 0,
+                probe_start=(total.steps, total.train_seconds / 60.0),
+            )
+            total.add_stage(index, result)
+            if save_dir is not None:
+                model.save_pretrained(Path(save_dir) / f"stage-{index + 1}")
+    finally:
+        recipe.training.lr_scheduler_type = recipe_schedule  # the stages' schedules do not outlive the climb
     return model, total
 
 
@@ -257,5 +270,6 @@ __all__ = [
     "climb_recipe",
     "load_plan",
     "parse_plan",
+    "stage_schedule",
     "train_plan",
 ]

@@ -18,8 +18,8 @@ namespace {
 
 // All R rows of one chunk at once, token-major ([C][R], the chunked scan's own layout, so that the innermost loop
 // runs over the rows: R contiguous floats, a few vector registers). Forward: x solves (diag(p) + diag(e) tril₋₁(G)) x
-// = b for each row; with transpose, (diag(p) + tril₋₁(G)ᵀ diag(e)) x = b. acc[s] collects the substituted sum for token s: with
-// tril₋₁(G)[s, t] = G[t, s] (G = K Kᵀ is symmetric) both read row t of G.
+// = b for each row; with transpose, (diag(p) + tril₋₁(G)ᵀ diag(e)) x = b. acc[s] collects the substituted sum for
+// token s: with tril₋₁(G)[s, t] = G[t, s] (G = K Kᵀ is symmetric) both read row t of G.
 void solve_rows(const float* g, const float* p, const float* e, const float* b, float* x, float* acc, int64_t c,
                 int64_t rows, bool transpose) {
   for (int64_t i = 0; i < c * rows; ++i) acc[i] = 0.0f;

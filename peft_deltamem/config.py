@@ -15,6 +15,7 @@ WRITE_GRANULARITIES = ("token", "message", "sentence")
 STATE_UPDATE_MODES = ("standard", "lambda_outside", "no_lambda")
 DELTA_HEAD_INITS = ("zero", "base_slice", "base_slice_fixed", "random")
 DELTA_SCALE_GRANULARITIES = ("layer", "head")
+WRITABLE_ROLES = ("user", "assistant", "tool")  # system messages are never written (docs/design.md §5)
 
 
 def _check_choice(name: str, value: object, allowed: tuple) -> None:
@@ -60,6 +61,14 @@ class DeltaMemConfig(PeftConfig):
     num_state_heads: int = field(default=1, metadata={"help": "Independent r×r states per layer (4 = MSW)."})
     write_granularity: Literal["token", "message", "sentence"] = field(
         default="token", metadata={"help": "What one memory write covers: a token, a message or a sentence."}
+    )
+    write_roles: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Roles whose messages are written (a subset of user, assistant, tool), e.g. ['user']: the other "
+            "messages, the system prompt and template-only tokens are read as context but never written. None "
+            "writes every token of the history (token writes) or every non-system message (message / sentence)."
+        },
     )
     rankwise_gates: bool = field(default=True, metadata={"help": "One write/keep gate per state row (else one)."})
     couple_lambda: bool = field(default=True, metadata={"help": "Keep gate λ = 1 − β instead of its own projection."})
@@ -109,6 +118,8 @@ class DeltaMemConfig(PeftConfig):
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
         self.delta_heads = list(self.delta_heads)
+        if isinstance(self.write_roles, (tuple, set, frozenset)):
+            self.write_roles = sorted(self.write_roles)
         self.validate()
 
     def validate(self) -> None:
@@ -128,6 +139,16 @@ class DeltaMemConfig(PeftConfig):
         if len(set(self.delta_heads)) != len(self.delta_heads):
             raise ValueError(f"DeltaMemConfig.delta_heads has duplicates: {self.delta_heads!r}")
         _check_choice("write_granularity", self.write_granularity, WRITE_GRANULARITIES)
+        if self.write_roles is not None:
+            roles = self.write_roles
+            valid = isinstance(roles, list) and roles and all(isinstance(role, str) for role in roles)
+            if not valid or not set(roles) <= set(WRITABLE_ROLES):
+                raise ValueError(
+                    f"DeltaMemConfig.write_roles must be None or a non-empty list of roles from {list(WRITABLE_ROLES)} "
+                    f"(system messages are never written), got {roles!r}"
+                )
+            if len(set(roles)) != len(roles):
+                raise ValueError(f"DeltaMemConfig.write_roles has duplicates: {roles!r}")
         _check_choice("state_update_mode", self.state_update_mode, STATE_UPDATE_MODES)
         _check_choice("init_delta_heads", self.init_delta_heads, DELTA_HEAD_INITS)
         _check_choice("delta_scale_granularity", self.delta_scale_granularity, DELTA_SCALE_GRANULARITIES)

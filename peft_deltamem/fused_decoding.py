@@ -55,12 +55,12 @@ def fused_step(
     """Memory step and corrections of one decoded token in one call of the fused op: the corrections by head name
     (``heads``, in the order of the plan's correction modules), the state after a write recorded in ``context`` (a
     read-only call records nothing, as the eager path). None where it does not apply (no plan, more than one token,
-    a segment write, gradients wanted, not float32 on the CPU)."""
+    a segment write or segment ids, gradients wanted, not float32 on the CPU)."""
     batch, length, _ = hidden_states.shape
     if plan is None or length != 1 or hidden_states.dtype != torch.float32:
         return None
-    if context.write and not plan.token_writes:  # a segment write: one write per segment, the eager path's
-        return None
+    if context.write and (not plan.token_writes or context.segment_ids is not None):
+        return None  # a segment write, or token writes that skip some tokens: the eager path's
     weights = [m.weight for m in plan.modules]  # read at every call: parameters are updated in place
     if torch.is_grad_enabled() and (hidden_states.requires_grad or any(w.requires_grad for w in weights)):
         return None

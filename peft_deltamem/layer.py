@@ -344,9 +344,14 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
 
         if token_writes:
             k, v, keep, erase, write, write_gate = self._write_inputs(adapter, projected)
+            written_mask = token_mask
+            if context.segment_ids is not None:  # tokens with id −1 (e.g. another role's) are read, never written
+                keep, erase, write, written_mask = _skip_unwritten(
+                    context.segment_ids, heads, token_mask, keep, erase, write
+                )
             # A write-only call has no query: the scan's reads (from k) are discarded.
             reads, final_state = _scan(config, k if q is None else q, (k, v, keep, erase, write), state, scan_mask)
-            context.record(self.memory_key, final_state.view(batch, heads, r, r), write_gate, token_mask)
+            context.record(self.memory_key, final_state.view(batch, heads, r, r), write_gate, written_mask)
         else:
             # Read-only, message and sentence calls: every token reads the memory as it was before the call.
             reads = None if q is None else self._read_only(state, q, scan_mask)
@@ -470,6 +475,15 @@ class DeltaMemAttention(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "deltamem." + super().__repr__()
+
+
+def _skip_unwritten(ids: torch.Tensor, heads: int, token_mask: torch.Tensor, keep, erase, write) -> tuple:
+    """Token writes with segment ids: a token whose id is −1 (another role's, say) takes the identity step (keep 1,
+    erase 0, write 0), so it reads the memory but leaves it unchanged. Returns the gates and the mask of the tokens
+    written ([B·n, T], for the write-gate statistics)."""
+    written = (ids.ne(-1).repeat_interleave(heads, dim=0) if heads > 1 else ids.ne(-1)) & token_mask
+    flags = written.unsqueeze(-1)
+    return torch.where(flags, keep, torch.ones_like(keep)), erase * flags, write * flags, written
 
 
 def _scan(config: DeltaMemConfig, q: torch.Tensor, writes: tuple, state: torch.Tensor, mask: torch.Tensor):

@@ -34,7 +34,8 @@ class DeltaMemModel(BaseTuner):
     * ``memory_write`` (default ``True``): ``False`` makes the call read-only; the memory is left unchanged.
     * ``memory_read`` (default ``True``): ``False`` makes a write-only call: the layers write but add no corrections.
     * ``memory_segment_ids``: ``[batch, tokens]`` message or sentence ids (``-1`` = not written) for ``message`` /
-      ``sentence`` adapters; without them the call's tokens are written as one segment.
+      ``sentence`` adapters; without them the call's tokens are written as one segment. A ``token`` adapter writes
+      every token whose id is not ``-1`` and reads, without writing, those whose id is (``write_roles``).
     * ``memory_record_write_gates`` (default ``False``): keep the write gates β of the call in
       ``memory.last_write_gates`` (with their graph), e.g. for a sparsity penalty.
 

@@ -10,7 +10,8 @@ How ids are assigned (:func:`encode_conversation`)
 The conversation is rendered with the tokenizer's own chat template incrementally: ``messages[:1]``,
 ``messages[:2]``, ... (``tokenize=False``), and every rendering is tokenised with ``add_special_tokens=False``. The
 tokens that rendering ``i`` adds to rendering ``i - 1`` belong to message ``i``, so the role header, the content and
-the end-of-turn marker of a message all carry its index. System messages get ``-1``, wherever they are.
+the end-of-turn marker of a message all carry its index. System messages get ``-1``, wherever they are, and so do
+messages whose role is not among ``write_roles`` when it is given (an adapter that writes user turns only).
 
 * **Preamble.** Tokens a template emits before the first message (a bos token, a default system prompt such as
   SmolLM2's "You are a helpful AI assistant named SmolLM...", Llama-3.1's "Cutting Knowledge Date" block, SmolLM3's
@@ -57,7 +58,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import WRITE_GRANULARITIES
+from ..config import WRITABLE_ROLES, WRITE_GRANULARITIES
 
 __all__ = [
     "GRANULARITIES",
@@ -387,6 +388,7 @@ def encode_conversation(
     add_generation_prompt: bool = False,
     chat_template_kwargs: Mapping[str, Any] | None = None,
     max_rollback_tokens: int = 16,
+    write_roles: Sequence[str] | None = None,
 ) -> SegmentedConversation:
     """Tokenise a conversation with the tokenizer's chat template and give every token a message and sentence id.
 
@@ -398,6 +400,8 @@ def encode_conversation(
             ``{"enable_thinking": False}``, ``{"tools": [...]}``, ``{"chat_template": "..."}``.
         max_rollback_tokens: how many tokens of an earlier rendering the template may rewrite when a message is
             added (see the module docstring) before this is an error.
+        write_roles: the roles whose messages are written (an adapter's ``write_roles``); the tokens of messages of
+            other roles get id ``-1`` too (read as context, never written). None: every non-system message.
 
     Cost: the template is rendered and tokenised ``len(messages) + 2`` times (every prefix, plus two probes for the
     preamble), so time grows quadratically with the number of messages (about 1.5 s for 180 messages / 4.6k tokens
@@ -426,8 +430,9 @@ def encode_conversation(
     prev: list[int] = []
     labels: list[int] = []
     text = ""
+    written_roles = set(WRITABLE_ROLES if write_roles is None else write_roles)
     for i, m in enumerate(msgs):
-        label = NOT_WRITTEN if m["role"] == "system" else i
+        label = i if m["role"] in written_roles else NOT_WRITTEN
         what = f"messages[{i}] ({m['role']})"
         text = renderer.text(msgs[: i + 1], what=f"messages[:{i + 1}]")
         cur = renderer.ids(text)

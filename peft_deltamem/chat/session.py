@@ -140,6 +140,12 @@ class MemorySession:
                 f"write_during_generation=True needs a 'token' adapter; this one writes per {self.write_granularity}, "
                 "and generation has no message ids. Use the default (write the turn after the answer)."
             )
+        roles = self.adapter_config.write_roles
+        if roles is not None and "assistant" not in roles:
+            raise ValueError(
+                f"write_during_generation=True writes the answer's tokens, but this adapter writes only {roles} "
+                "messages. Use the default (write the turn after the answer)."
+            )
 
     @property
     def _device(self) -> torch.device:

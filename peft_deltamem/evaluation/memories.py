@@ -25,12 +25,12 @@ def zero_memory(memory: MemoryState) -> MemoryState:
     return memory.detach().zeros_like()
 
 
-def _session_ids(
-    tokenizer: Any, system: str | None, session: Sequence[Message], settings: EvalSettings, granularity: str
-):
+def _session_ids(tokenizer: Any, system: str | None, session: Sequence[Message], settings: EvalSettings, config: Any):
+    """A session's write tokens and segment ids exactly as training encodes a write history for this adapter."""
     options = EpisodeOptions(
         max_write_length=settings.max_write_length,
-        write_granularity=granularity,
+        write_granularity=config.write_granularity,
+        write_roles=config.write_roles,
         chat_template_kwargs=settings.chat_template_kwargs,
     )
     return encode_write_history(tokenizer, [*system_prefix(system), *session], options)
@@ -62,7 +62,7 @@ def write_memories(
     With ``conversations`` (indices, e.g. :func:`needed_conversations`) only those are written; the rows of the
     others stay empty (all-zero) memories, so the result keeps one row per conversation of the task.
     """
-    granularity = active_deltamem_adapter(model)[1].write_granularity
+    config = active_deltamem_adapter(model)[1]
     device, pad = model_device(model), pad_token_id(tokenizer)
     memories: list[MemoryState | None] = [None] * len(task.conversations)
     chosen = set(range(len(task.conversations)) if conversations is None else conversations)
@@ -77,14 +77,12 @@ def write_memories(
         jobs += [(s, [rows[i] for i in batch]) for batch in batches(len(rows), settings.batch_size)]
     for s, rows in progress(jobs, "write memories", settings.progress):
         encoded = [
-            _session_ids(
-                tokenizer, task.conversations[c].system, task.conversations[c].sessions[s], settings, granularity
-            )
+            _session_ids(tokenizer, task.conversations[c].system, task.conversations[c].sessions[s], settings, config)
             for c in rows
         ]
         ids, mask = pad_batch([e[0] for e in encoded], pad, device)
         segments = None
-        if granularity != "token":
+        if encoded[0][1] is not None:  # segment writes, or token writes of some roles only
             segments, _ = pad_batch([e[1] for e in encoded], NOT_WRITTEN, device)
             segments = segments.masked_fill(mask == 0, NOT_WRITTEN)
         fresh = all(memories[c] is None for c in rows)

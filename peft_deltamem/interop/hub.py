@@ -68,11 +68,13 @@ def write_strategy(config: DeltaMemConfig) -> tuple[str, str]:
     """(tag, description) of a config's write strategy, e.g. ``("tsw", "token-level writes ...")``."""
     heads = config.num_state_heads
     head_text = f"{heads} independent state heads" if heads > 1 else "one state head"
+    roles = "" if config.write_roles is None else f"; only {'/'.join(config.write_roles)} messages are written"
     if config.write_granularity == "token":
         name = "MSW" if heads > 1 else "TSW"
-        return name.lower(), f"{name}: every token is written, with {head_text}"
+        what = "every token is written" if config.write_roles is None else "every token of a written message"
+        return name.lower(), f"{name}: {what}, with {head_text}{roles}"
     unit = "message" if config.write_granularity == "message" else "sentence"
-    return "ssw", f"SSW: one write per {unit} (the mean of its hidden states), with {head_text}"
+    return "ssw", f"SSW: one write per {unit} (the mean of its hidden states), with {head_text}{roles}"
 
 
 def summarize_model(model: Any, adapter_name: str | None = None) -> AdapterSummary:
@@ -182,10 +184,14 @@ def _configuration_lines(summary: AdapterSummary) -> list[str]:
 def _usage(summary: AdapterSummary, repo_id: str) -> str:
     base = summary.base_model or "<base model>"
     write_call = "model(**history, memory=memory)  # writes the conversation into the memory"
-    if summary.config.write_granularity != "token":
+    config = summary.config
+    if config.write_granularity != "token" or config.write_roles is not None:
+        # Token writes of some roles take message ids: -1 marks the tokens read as context, not written.
+        granularity = "message" if config.write_granularity == "token" else config.write_granularity
+        roles = "" if config.write_roles is None else f", write_roles={config.write_roles!r}"
         write_call = (
             "from peft_deltamem.chat.segments import segment_ids_for\n"
-            f'ids, segments = segment_ids_for(tokenizer, chat, "{summary.config.write_granularity}")\n'
+            f'ids, segments = segment_ids_for(tokenizer, chat, "{granularity}"{roles})\n'
             "model(input_ids=torch.tensor([ids]), memory=memory, memory_segment_ids=torch.tensor([segments]))"
         )
     return f"""```python

@@ -243,7 +243,15 @@ def config_from_reference(
 
 
 def config_to_reference(config: DeltaMemConfig, *, target_modules: list[str]) -> dict[str, Any]:
-    """The reference config dict for one of this package's configs (fields the reference reads, defaults elsewhere)."""
+    """The reference config dict for one of this package's configs (fields the reference reads, defaults elsewhere).
+
+    Raises ``ReferenceFormatError`` for a setting the reference format cannot express (``write_roles``).
+    """
+    if config.write_roles is not None:
+        raise ReferenceFormatError(
+            f"the adapter writes only {config.write_roles} messages (write_roles), which the reference format cannot "
+            "express: its code would write every token. Keep the adapter in this package's format."
+        )
     return {
         "rank": config.r,
         "alpha": float(config.alpha),

@@ -170,18 +170,23 @@ def write_messages(
     written ones (exact, by the continuity of token writes); ``message`` / ``sentence`` adapters get
     ``memory_segment_ids``. Returns the write-gate statistics (:func:`gate_stats`) and the number of tokens written.
     """
-    seg = encode_conversation(tokenizer, list(messages), chat_template_kwargs=dict(chat_template_kwargs or {}))
-    written_tokens = sum(m != NOT_WRITTEN for m in seg.message_ids)
-    if written_tokens == 0:
-        return {}, 0
-    device = next(model.parameters()).device
-    ids = torch.tensor([seg.input_ids], device=device)
     active = active_deltamem_adapter(model)
     if active is None:
         raise TypeError(
             f"write_messages needs a PeftModel whose active adapter is a δ-mem adapter, got {type(model).__name__}"
         )
     config = active[1]
+    seg = encode_conversation(
+        tokenizer,
+        list(messages),
+        chat_template_kwargs=dict(chat_template_kwargs or {}),
+        write_roles=config.write_roles,
+    )
+    written_tokens = sum(m != NOT_WRITTEN for m in seg.message_ids)
+    if written_tokens == 0:
+        return {}, 0
+    device = next(model.parameters()).device
+    ids = torch.tensor([seg.input_ids], device=device)
     heads = config.num_state_heads
     stats: dict[str, dict] = {}
     with torch.no_grad():

@@ -43,9 +43,12 @@ class _Row:
     written: int
 
 
-def _encode(tokenizer: Any, group: Sequence[Mapping[str, Any]], granularity: str, kwargs: dict) -> _Row | None:
+def _encode(tokenizer: Any, group: Sequence[Mapping[str, Any]], config: Any, kwargs: dict) -> _Row | None:
     """The row of ``group``, or None if it cannot share a batch (its written tokens are not one run after a context)."""
-    seg = encode_conversation(tokenizer, [dict(m) for m in group], chat_template_kwargs=kwargs)
+    granularity = config.write_granularity
+    seg = encode_conversation(
+        tokenizer, [dict(m) for m in group], chat_template_kwargs=kwargs, write_roles=config.write_roles
+    )
     flags = [m != NOT_WRITTEN for m in seg.message_ids]
     written = sum(flags)
     if granularity != "token":
@@ -81,7 +84,7 @@ def write_groups(
         raise TypeError(f"write_groups needs a PeftModel whose active adapter is δ-mem, got {type(model).__name__}")
     granularity = active[1].write_granularity
     kwargs = dict(chat_template_kwargs or {})
-    rows = [_encode(tokenizer, group, granularity, kwargs) for group in groups]
+    rows = [_encode(tokenizer, group, active[1], kwargs) for group in groups]
     out: list[tuple[MemoryState, int] | None] = [None] * len(groups)
     batch = [i for i, row in enumerate(rows) if row is not None and row.written > 0]
     if len(batch) == 1:  # nothing to share the call with: the reference path, bit for bit what MemorySession writes

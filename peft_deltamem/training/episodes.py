@@ -46,6 +46,8 @@ class EpisodeOptions:
         max_length: read contexts longer than this are truncated (``None``: never).
         truncation_mode: ``"keep_start"`` (cut the end of a long read context) or ``"keep_end"``.
         write_granularity: the adapter's write granularity; ``message`` / ``sentence`` need segment ids.
+        write_roles: the adapter's ``write_roles``: only those roles' messages are written (token writes then need
+            segment ids too, ``-1`` on the tokens read as context); None: every message.
         chat_template_kwargs: extra template arguments, e.g. ``{"enable_thinking": False}``.
     """
 
@@ -55,7 +57,13 @@ class EpisodeOptions:
     max_length: int | None = None
     truncation_mode: str = "keep_start"
     write_granularity: str = "token"
+    write_roles: Sequence[str] | None = None
     chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def segmented(self) -> bool:
+        """Whether write histories carry segment ids (segment writes, or token writes of some roles only)."""
+        return self.write_granularity != "token" or self.write_roles is not None
 
     def __post_init__(self) -> None:
         if isinstance(self.recent_messages, bool) or not isinstance(self.recent_messages, int):
@@ -128,13 +136,18 @@ def split_episode(
 def encode_write_history(
     tokenizer: Any, messages: Sequence[Message], options: EpisodeOptions
 ) -> tuple[list[int], list[int] | None]:
-    """Token ids (and, for segment writes, segment ids) of a write history, left-truncated to ``max_write_length``."""
-    segmented = options.write_granularity != "token"
+    """Token ids (and, when ``options.segmented``, segment ids) of a write history, left-truncated to
+    ``max_write_length``."""
+    segmented = options.segmented
     if not messages:
         return [], ([] if segmented else None)
     if segmented:
-        encoded = encode_conversation(tokenizer, messages, chat_template_kwargs=options.chat_template_kwargs)
-        ids, segments = encoded.input_ids, encoded.segment_ids(options.write_granularity)
+        encoded = encode_conversation(
+            tokenizer, messages, chat_template_kwargs=options.chat_template_kwargs, write_roles=options.write_roles
+        )
+        # Token writes of some roles: the message ids say which tokens are written (-1: read as context).
+        granularity = "message" if options.write_granularity == "token" else options.write_granularity
+        ids, segments = encoded.input_ids, encoded.segment_ids(granularity)
     else:
         _, ids = render_ids(tokenizer, messages, options.chat_template_kwargs)
         segments = None

@@ -151,7 +151,7 @@ def _episode_rows(
 ) -> dict[str, list]:
     """``Dataset.map`` function: conversations -> episode rows; malformed rows raise or are skipped (per ``invalid``)."""
     keys = ["write_input_ids", "input_ids", "labels"]
-    if options.write_granularity != "token":
+    if options.segmented:
         keys.append("write_segment_ids")
     out: dict[str, list] = {key: [] for key in keys}
     for index, messages in zip(indices, batch["messages"], strict=True):
@@ -221,6 +221,11 @@ class DeltaMemSFTTrainer(SFTTrainer):
         if kwargs.get("formatting_func") is not None:
             raise ValueError("formatting_func is not supported: episodes are built from the 'messages' column")
         self.adapter_config = _deltamem_config(model, peft_config)
+        if args.read_pass_writes and self.adapter_config.write_roles is not None:
+            raise ValueError(
+                "read_pass_writes=True writes every token of the read context, but the adapter writes only the "
+                f"messages of {self.adapter_config.write_roles}: turn read_pass_writes off or drop write_roles."
+            )
         self.episode_options = EpisodeOptions(
             recent_messages=args.recent_messages,
             episode_turns=args.episode_turns,
@@ -228,6 +233,7 @@ class DeltaMemSFTTrainer(SFTTrainer):
             max_length=args.max_length,
             truncation_mode=args.truncation_mode,
             write_granularity=self.adapter_config.write_granularity,
+            write_roles=self.adapter_config.write_roles,
             chat_template_kwargs=args.chat_template_kwargs,
         )
         super().__init__(

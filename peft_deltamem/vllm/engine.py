@@ -216,7 +216,12 @@ class VllmEngine(TokenizerEngine):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        seg = encode_conversation(self.tokenizer, messages, chat_template_kwargs=self.chat_template_kwargs)
+        seg = encode_conversation(
+            self.tokenizer,
+            messages,
+            chat_template_kwargs=self.chat_template_kwargs,
+            write_roles=self.template.adapter_config.get("write_roles"),
+        )
         runs = written_runs(seg.message_ids)
         written = sum(length for flag, length in runs if flag)
         if written == 0:  # nothing to write (as write_groups: the memory unchanged)

@@ -159,6 +159,8 @@ def test_write_during_generation_writes_the_prompt_and_answer_while_generating(m
     assert session.history[-1] == {"role": "assistant", "content": answer}
     with pytest.raises(ValueError, match="needs a 'token' adapter"):
         MemorySession(adapted(write_granularity="message"), tok, write_during_generation=True)
+    with pytest.raises(ValueError, match=r"writes the answer's tokens, but this adapter writes only \['user'\]"):
+        MemorySession(adapted(write_roles=["user"]), tok, write_during_generation=True)
 
 
 def test_memory_report_and_reset(model) -> None:

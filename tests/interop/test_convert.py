@@ -377,6 +377,13 @@ def _memory_logits(model) -> torch.Tensor:
         return model(input_ids=random_ids(2, 5, seed=22), memory=memory).logits
 
 
+def test_an_adapter_that_writes_some_roles_only_is_not_exported(tmp_path):
+    model = _trained_like("llama", write_roles=["user"])
+    with pytest.raises(ReferenceFormatError, match="write_roles"):
+        export_reference_adapter(model, tmp_path / "reference")
+    assert not (tmp_path / "reference").exists()
+
+
 @pytest.mark.parametrize("from_directory", [False, True])
 def test_export_then_convert_round_trip(tmp_path, base_dir, from_directory):
     model = _trained_like(

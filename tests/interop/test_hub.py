@@ -191,3 +191,16 @@ def test_write_strategy_tag(tmp_path, granularity, heads, tag):
     assert tag in metadata["tags"] and "base_model:adapter:org/base" in metadata["tags"]
     assert "4 of 8 decoder layers (0-2, 5)" in body
     assert ("memory_segment_ids" in body) == (granularity != "token")
+
+
+def test_a_user_turns_only_adapter_card_says_so_and_shows_segment_ids():
+    from peft_deltamem import DeltaMemConfig
+    from peft_deltamem.interop.hub import AdapterSummary
+
+    config = DeltaMemConfig(num_state_heads=4, write_roles=["user"])
+    summary = AdapterSummary(config=config, layers=[0], num_parameters=10, base_model="org/base", num_layers=1)
+    _, body = _front_matter(str(render_model_card(summary)))
+    assert "only user messages are written" in body
+    assert (
+        "segment_ids_for(tokenizer, chat, \"message\", write_roles=['user'])" in body and "memory_segment_ids" in body
+    )

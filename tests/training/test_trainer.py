@@ -214,6 +214,28 @@ def test_segment_writes_train_with_segment_ids(tmp_path, granularity: str) -> No
     assert all(g.abs().sum() > 0 for n, g in grads.items() if "write_gate" in n or "memory_k" in n)
 
 
+def test_token_writes_of_user_turns_only_train_with_segment_ids(tmp_path) -> None:
+    from peft_deltamem.chat.segments import encode_conversation
+
+    chat = sample_conversation()
+    trainer = make_trainer(tmp_path, [{"messages": chat}] * 2, peft={"write_roles": ["user"]})
+    batch = batch_of(trainer)
+    history = encode_conversation(TOK, chat[:5])  # system + two turns: the final answer's write history
+    roles = [chat[m]["role"] if m >= 0 else None for m in history.message_ids]
+    expected = [m if role == "user" else -1 for m, role in zip(history.message_ids, roles, strict=True)]
+    assert batch["write_segment_ids"][0].tolist() == expected and "assistant" in roles
+    trainer.compute_loss(trainer.model, batch).backward()
+    grads = adapter_grads(trainer.model)
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if "write_gate" in n or "memory_k" in n)
+
+
+def test_read_pass_writes_with_write_roles_are_refused(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"read_pass_writes=True .* only the messages of \['user'\]"):
+        make_trainer(
+            tmp_path, [{"messages": sample_conversation()}], peft={"write_roles": ["user"]}, read_pass_writes=True
+        )
+
+
 # ----- the write-only pass (memory_read=False) --------------------------------------------------------------------------
 def test_write_only_call_writes_without_corrections() -> None:
     model = get_peft_model(base_model(), DeltaMemConfig(task_type="CAUSAL_LM", delta_heads=["q", "k", "v", "o"]))

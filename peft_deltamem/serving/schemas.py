@@ -88,7 +88,8 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # A 64-bit integer, as OpenAI's schema says (format int64): torch.manual_seed refuses anything wider.
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int | None = Field(default=None, ge=1)

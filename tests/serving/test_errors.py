@@ -99,6 +99,9 @@ def test_sessions_belong_to_the_key_that_created_them(server) -> None:
         ({"messages": HELLO, "temperature": 3}, 400, "temperature"),
         # found by the schema fuzzer: lax validation took false for seed 0; the schema (and OpenAI) say integer
         ({"messages": HELLO, "seed": False}, 400, "seed"),
+        # found by the schema fuzzer: a seed wider than 64 bits reached torch.manual_seed and answered 500
+        ({"messages": HELLO, "seed": -191756222654842011648}, 400, "seed"),
+        ({"messages": HELLO, "seed": 2**63}, 400, "seed"),
         ({"messages": HELLO, "stream": 1}, 400, "stream"),
         ({"messages": HELLO, "max_tokens": 2.5}, 400, "max_tokens"),
         ({"messages": HELLO, "max_tokens": "2"}, 400, "max_tokens"),

@@ -20,6 +20,7 @@ def test_the_bundled_plan_parses_and_its_recipe_loads() -> None:
     assert plan.level in plan.eval_levels and plan.probe_level is not None
     recipe = climb_recipe(plan)
     assert recipe.training.use_cpu and recipe.adapter.write_granularity in ("token", "message")
+    assert recipe.adapter.write_roles == ["user"]  # the plan's override reaches the adapter as a list
 
 
 def test_a_plan_with_defaults() -> None:

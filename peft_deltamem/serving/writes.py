@@ -16,7 +16,6 @@ Position ids follow each row's own tokens, so padding shifts nothing.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +27,7 @@ from ..chat.segments import NOT_WRITTEN, encode_conversation
 from ..memory.state import MemoryState
 from ..memory.write_pass import write_pass
 from ..model import active_deltamem_adapter
-from .window import write_messages
+from .window import write_messages, written_runs
 
 __all__ = ["write_groups"]
 
@@ -49,13 +48,10 @@ def _encode(tokenizer: Any, group: Sequence[Mapping[str, Any]], config: Any, kwa
     seg = encode_conversation(
         tokenizer, [dict(m) for m in group], chat_template_kwargs=kwargs, write_roles=config.write_roles
     )
-    flags = [m != NOT_WRITTEN for m in seg.message_ids]
-    written = sum(flags)
+    written = sum(m != NOT_WRITTEN for m in seg.message_ids)
     if granularity != "token":
         return _Row(list(seg.input_ids), 0, seg.segment_ids(granularity), written)
-    runs = [(flag, len(list(run))) for flag, run in itertools.groupby(flags)]
-    while runs and not runs[-1][0]:
-        runs.pop()  # trailing context influences nothing that is written (as write_messages does)
+    runs = written_runs(seg.message_ids)  # the runs write_messages writes one by one
     if [flag for flag, _ in runs] not in ([True], [False, True]):
         return None
     end = sum(length for _, length in runs)

@@ -136,8 +136,8 @@ DEMO_OUTPUT ?= demo-output
 demo: $(STAMP)
 	$(PY) -m peft_deltamem.cli.demo --train-minutes $(DEMO_MINUTES) --output $(DEMO_OUTPUT)
 
-# `make climb`: the long CPU recipe (82 minutes on 2 idle cores with a fresh clone, install included, measured with
-# every token written; writing user turns only, as the plan now does, costs the same per step; see the plan file):
+# `make climb`: the long CPU recipe (67 minutes with a fresh clone, install included, one torch thread beside another
+# job; 82 on 2 idle cores with the plan's earlier every-token writes; see the plan file):
 # a staged curriculum up the recall ladder (recipes/smollm2-135m/climb-cpu.yaml), then every level of its plan
 # evaluated with the six systems. Not part of `make test`. Writes $(CLIMB_OUTPUT)/results.json in the
 # demo's schema (docs/evaluation.md, "Climb").

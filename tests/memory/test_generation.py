@@ -105,6 +105,21 @@ def test_our_own_calls_use_the_cache_name_transformers_expects(model) -> None:
         greedy(model, random_ids(1, 4, seed=28), filled_memory(model, seed=29))
 
 
+def test_a_generation_config_is_honoured_without_deprecated_extra_arguments(model, monkeypatch) -> None:
+    """With a caller's generation_config, the cache setting goes on a copy of it, not beside it (transformers
+    deprecates generation arguments next to a config); the caller's config is untouched, the tokens the same."""
+    import transformers.generation.utils as generation_utils
+
+    logged: list[str] = []
+    monkeypatch.setattr(generation_utils.logger, "warning_once", lambda message, *a, **k: logged.append(message))
+    ids = random_ids(1, 4, seed=32)
+    config = transformers.GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, use_cache=False)
+    with_config = model.generate(input_ids=ids, memory=filled_memory(model, seed=33), generation_config=config)
+    assert not [m for m in logged if "together with generation-related" in m], logged
+    assert config.use_cache is False
+    torch.testing.assert_close(with_config, greedy(model, ids, filled_memory(model, seed=33)), rtol=0, atol=0)
+
+
 def test_generation_that_loses_its_memory_raises(model, monkeypatch) -> None:
     """The failure of transformers 5.24 (the hook no longer found the cache, every step ran on a throwaway empty
     memory) must be loud: simulate a hook that cannot find the cache."""

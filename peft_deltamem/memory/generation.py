@@ -126,13 +126,13 @@ def generate_with_memory(
     start = user_memory.clone()
     working = user_memory.clone()
     cache = MemoryCache(working, config=model.config, write=memory_write, eos_token_ids=eos_ids)
+    use_cache = {"use_cache": True}
     if kwargs.get("generation_config") is not None:
         # transformers deprecates generation arguments beside a generation_config: the cache goes on a copy of it
         kwargs["generation_config"] = copy.deepcopy(kwargs["generation_config"])
         kwargs["generation_config"].use_cache = True
-    else:
-        kwargs["use_cache"] = True
-    outputs = model.generate(*args, **cache_kwargs(model, cache), **kwargs)
+        use_cache = {}
+    outputs = model.generate(*args, **cache_kwargs(model, cache), **use_cache, **kwargs)
     _check_memory_followed(cache)
     sequences = outputs if torch.is_tensor(outputs) else outputs.sequences
     if memory_write:

@@ -108,10 +108,10 @@ def test_our_own_calls_use_the_cache_name_transformers_expects(model) -> None:
 def test_a_generation_config_is_honoured_without_deprecated_extra_arguments(model, monkeypatch) -> None:
     """With a caller's generation_config, the cache setting goes on a copy of it, not beside it (transformers
     deprecates generation arguments next to a config); the caller's config is untouched, the tokens the same."""
-    import transformers.generation.utils as generation_utils
-
     logged: list[str] = []
-    monkeypatch.setattr(generation_utils.logger, "warning_once", lambda message, *a, **k: logged.append(message))
+    monkeypatch.setattr(
+        transformers.generation.utils.logger, "warning_once", lambda message, *a, **k: logged.append(message)
+    )
     ids = random_ids(1, 4, seed=32)
     config = transformers.GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, use_cache=False)
     with_config = model.generate(input_ids=ids, memory=filled_memory(model, seed=33), generation_config=config)
